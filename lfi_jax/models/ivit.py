@@ -42,7 +42,7 @@ class Gate(nnx.Module):
 
     def params(self) -> dict:
         names = ("w1", "b1", "w2", "b2") if hasattr(self, "w1") else ("w2", "b2")
-        return {n: getattr(self, n).value for n in names}
+        return {n: getattr(self, n)[...] for n in names}
 
 
 class AttentionOutput(nnx.Module):
@@ -106,17 +106,17 @@ def ivit_from_vit(vit: ViT, cfg: ModelConfig, *, seed: int = 0) -> ViT:
     updates = {}
     for path, var in flat:
         if path in src_map:
-            value = src_map[path].value
-            if value.shape != var.value.shape:
+            value = src_map[path].get_value()
+            if value.shape != var.shape:
                 if path[0] == "classifier":
                     continue  # a new head (other number of classes) stays freshly initialised
-                raise ValueError(f"ivit_from_vit: {'.'.join(map(str, path))} has shape {value.shape} vs {var.value.shape}")
+                raise ValueError(f"ivit_from_vit: {'.'.join(map(str, path))} has shape {value.shape} vs {var.shape}")
             updates[path] = value
         elif "interaction_query" in path:
             qpath = tuple("query" if p == "interaction_query" else p for p in path)
-            updates[path] = src_map[qpath].value
+            updates[path] = src_map[qpath].get_value()
     for path, var in flat:
         if path in updates:
-            var.value = jnp.asarray(updates[path], var.value.dtype)
+            var.set_value(jnp.asarray(updates[path], var.dtype))
     nnx.update(model, nnx.State.from_flat_path(flat))
     return model

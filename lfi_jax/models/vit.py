@@ -165,9 +165,9 @@ class Embeddings(nnx.Module):
             )
         dtype = DTYPES[cfg.dtype]
         x = self.patch_embeddings(images.astype(dtype))
-        cls = jnp.broadcast_to(self.cls_token.value.astype(dtype), (x.shape[0], 1, x.shape[-1]))
+        cls = jnp.broadcast_to(self.cls_token[...].astype(dtype), (x.shape[0], 1, x.shape[-1]))
         x = jnp.concatenate([cls, x], axis=1)
-        return x + self.position_embeddings.value.astype(dtype)
+        return x + self.position_embeddings[...].astype(dtype)
 
 
 class Intermediate(nnx.Module):
@@ -205,6 +205,13 @@ class Layer(nnx.Module):
         return x, cls_row
 
 
+def _layer_fn(want_cls: bool):
+    def run(layer, x):
+        return layer(x, want_cls)
+
+    return run
+
+
 class Encoder(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -217,7 +224,7 @@ class Encoder(nnx.Module):
         for i, layer in enumerate(self.layer):
             want_cls = i in want
             if cfg.remat:
-                x, row = nnx.remat(lambda m, h, w=want_cls: m(h, w))(layer, x)
+                x, row = nnx.remat(_layer_fn(want_cls))(layer, x)
             else:
                 x, row = layer(x, want_cls)
             if want_cls:
