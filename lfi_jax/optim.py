@@ -1,0 +1,65 @@
+"""Optimizer: AdamW with warmup + cosine, gradient clipping, and freeze patterns."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import optax
+
+
+def path_str(path) -> str:
+    parts = []
+    for p in path:
+        key = getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))
+        parts.append(str(key))
+    return "/".join(parts)
+
+
+def trainable_mask(params: Any, freeze=(), trainable=()) -> Any:
+    """True where a parameter is updated. A path matching a `freeze` regex is frozen unless
+    it also matches a `trainable` regex. Paths look like 'encoder/layer/3/attention/query/kernel'."""
+    freeze_re = [re.compile(p) for p in freeze]
+    train_re = [re.compile(p) for p in trainable]
+
+    def one(path, _):
+        s = path_str(path)
+        frozen = any(r.search(s) for r in freeze_re)
+        return (not frozen) or any(r.search(s) for r in train_re)
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def schedule(optim_cfg, total_steps: int):
+    peak = optim_cfg.lr
+    warmup = min(int(optim_cfg.warmup_steps), max(total_steps - 1, 0))
+    if optim_cfg.schedule == "constant":
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.constant_schedule(peak)], [warmup]
+        ) if warmup else optax.constant_schedule(peak)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=peak,
+        warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
+        end_value=peak * optim_cfg.min_lr_ratio,
+    )
+
+
+def make_optimizer(optim_cfg, total_steps: int, params: Any):
+    """(optax transformation, lr schedule, trainable mask)."""
+    lr = schedule(optim_cfg, total_steps)
+    mask = trainable_mask(params, optim_cfg.freeze, optim_cfg.trainable)
+    # No weight decay on biases, norms, embeddings-as-tokens and gate biases (ndim < 2).
+    decay_mask = jax.tree.map(lambda p: getattr(p, "ndim", 0) >= 2, params)
+    parts = []
+    if optim_cfg.grad_clip_norm:
+        parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip_norm))
+    parts.append(
+        optax.adamw(lr, b1=optim_cfg.b1, b2=optim_cfg.b2, weight_decay=optim_cfg.weight_decay, mask=decay_mask)
+    )
+    tx = optax.chain(*parts)
+    labels = jax.tree.map(lambda m: "train" if m else "freeze", mask)
+    tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+    return tx, lr, mask
