@@ -1,0 +1,574 @@
+"""The LLaVA teacher (SPEC section 3): C_vlm from a LLaVA-1.5-style checkpoint's attention.
+
+For each image the VLM reads a conversation rendered with the checkpoint's own chat template:
+user = image + prompt, assistant = a teacher-forced response. Classification (Eq. 11):
+"Classify foreground vs. background" / "foreground: <class>, background: <words>"; dense
+(Eq. 12): "Locate all <obj> instances" / "objects: <obj>, <obj>, background: <words>", with the
+boxes drawn on the image. One forward pass per batch; the language model runs eager attention
+and a forward hook on every selected decoder layer's self-attention reduces its (B, H, S, S)
+weights at once to (spans x image tokens), averaged over heads and span tokens, so memory does
+not grow with the number of layers. C_span is the average over the selected layers;
+C_vlm = relu(C_fore - C_back) / ||.||_1 (or the object sum), on the vision grid, with the
+geometry the processor actually used (pad / resize / crop).
+
+torch and transformers are imported only here (and in the other llava_* modules' callers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from lfi_jax.teacher import llava_conv as conv
+from lfi_jax.teacher.types import Geometry, TeacherEntry
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def _torch():
+    try:
+        import torch
+        import transformers
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ImportError(
+            "the llava teacher needs torch and transformers: pip install 'lfi-jax[teacher]'"
+        ) from e
+    return torch, transformers
+
+
+def resolve_device_dtype(device: str | None, dtype: str | None):
+    """('auto' | 'cpu' | 'cuda[:i]', 'auto' | float32 | float16 | bfloat16) -> torch objects."""
+    torch, _ = _torch()
+    device = (device or "auto").strip()
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: CUDA is not available on this machine")
+    dtype = (dtype or "auto").strip()
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
+    if dtype == "auto":
+        if dev.type == "cuda":
+            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            dtype = "float32"
+    return dev, getattr(torch, dtype), dtype
+
+
+def _fingerprint(model_dir: str | None) -> str | None:
+    """sha256 of config.json and the weight files' names, sizes and (safetensors) headers."""
+    if not model_dir or not os.path.isdir(model_dir):
+        return None
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(model_dir)):
+        p = os.path.join(model_dir, name)
+        if name == "config.json":
+            with open(p, "rb") as f:
+                h.update(f.read())
+        elif name.endswith((".safetensors", ".bin")):
+            h.update(f"{name}:{os.path.getsize(p)}".encode())
+            if name.endswith(".safetensors"):
+                with open(p, "rb") as f:
+                    n = int.from_bytes(f.read(8), "little")
+                    h.update(f.read(min(n, 1 << 24)))
+    return h.hexdigest()
+
+
+class _Capture:
+    """Forward hook state: reduces one layer's attention weights to spans x image tokens."""
+
+    def __init__(self):
+        self.row_idx = None  # (B, R) long: span-token positions, all spans concatenated
+        self.row_w = None  # (B, P, R) float32: 1/len(span) where the token belongs to span p
+        self.img_idx = None  # (B, N) long: image-token positions
+        self.acc = None  # (B, P, N) float32, summed over hooked layers
+        self.calls = 0
+
+    def hook(self, module, args, output):
+        if self.acc is None:  # not capturing (e.g. generating background words)
+            return None
+        attn_out, w = output[0], output[1]
+        if w is None:
+            raise RuntimeError(
+                "the language model's attention returned no weights; it must run eager attention"
+            )
+        import torch
+
+        b, h, s, _ = w.shape
+        r, n = self.row_idx.shape[1], self.img_idx.shape[1]
+        rows = torch.gather(w, 2, self.row_idx[:, None, :, None].expand(b, h, r, s))
+        rows = rows.float().mean(1)  # (B, R, S): average over heads, in float32
+        cols = torch.gather(rows, 2, self.img_idx[:, None, :].expand(b, r, n))  # (B, R, N)
+        self.acc += torch.bmm(self.row_w, cols)
+        self.calls += 1
+        return (attn_out, None) + tuple(output[2:])
+
+
+class LlavaTeacher:
+    """A LLaVA-1.5-style checkpoint that turns images into teacher maps (SPEC section 3).
+
+    model_path: a hub id or a local directory holding the model *and* its processor.
+    task: "classify" (Eq. 11) or "dense" (Eq. 12, needs boxes).
+    layers: language-model layers to average ("all", "0,5", "16:32", or a list of ints).
+    background: "fixed" (use `background_words`) or "generate" (greedy words from the VLM,
+      continuing the teacher-forced response; recorded per example in meta).
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        revision: str | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        layers: str | Sequence[int] | None = "all",
+        task: str = "classify",
+        prompt: str | None = None,
+        response_template: str | None = None,
+        background: str = "fixed",
+        background_words: str = conv.DEFAULT_BACKGROUND_WORDS,
+        background_max_tokens: int = 8,
+        box_color: str | Sequence[int] = "red",
+        box_width: int = 0,
+        batch_size: int = 8,
+    ):
+        torch, transformers = _torch()
+        self.model_path, self.revision = str(model_path), revision
+        self.task = task
+        self.prompt = prompt if prompt is not None else (conv.CLASSIFY_PROMPT if task == "classify" else conv.DENSE_PROMPT)
+        default_response = conv.CLASSIFY_RESPONSE if task == "classify" else conv.DENSE_RESPONSE
+        self.response_template = response_template if response_template is not None else default_response
+        conv.check_templates(task, self.prompt, self.response_template)
+        if background not in ("fixed", "generate"):
+            raise ValueError(f"--background must be 'fixed' or 'generate', got {background!r}")
+        self.background = background
+        self.background_words = " ".join(str(background_words).split())
+        if not self.background_words:
+            raise ValueError("--background-words must not be empty")
+        self.background_max_tokens = int(background_max_tokens)
+        self.box_color = conv.parse_color(box_color)
+        self.box_width = int(box_width)
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        self.device, self.torch_dtype, self.dtype_name = resolve_device_dtype(device, dtype)
+
+        where = f"model {self.model_path!r}" + (f" (revision {revision})" if revision else "")
+        try:
+            config = transformers.AutoConfig.from_pretrained(self.model_path, revision=revision)
+        except Exception as e:
+            raise ValueError(f"{where}: cannot load its config: {type(e).__name__}: {e}") from e
+        if getattr(config, "model_type", None) != "llava":
+            raise ValueError(
+                f"{where} is a {getattr(config, 'model_type', '?')!r} checkpoint; the llava teacher "
+                "supports LLaVA-1.5-style ('llava') checkpoints"
+            )
+        try:
+            processor = transformers.AutoProcessor.from_pretrained(self.model_path, revision=revision)
+        except Exception as e:
+            raise ValueError(
+                f"{where}: cannot load its processor (preprocessor/processor config, tokenizer): "
+                f"{type(e).__name__}: {e}"
+            ) from e
+        if not hasattr(processor, "image_processor") or not hasattr(processor, "tokenizer"):
+            raise ValueError(f"{where}: has no processor with an image processor and a tokenizer "
+                             f"(got {type(processor).__name__})")
+        if not getattr(processor, "chat_template", None):
+            raise ValueError(f"{where}: the processor has no chat template")
+        if not getattr(processor.tokenizer, "is_fast", False):
+            raise ValueError(f"{where}: needs a fast tokenizer (character offsets locate the spans)")
+        processor.tokenizer.padding_side = "left"
+        if processor.tokenizer.pad_token_id is None:
+            processor.tokenizer.pad_token = processor.tokenizer.eos_token or processor.tokenizer.unk_token
+        self.processor = processor
+        self.model = transformers.LlavaForConditionalGeneration.from_pretrained(
+            self.model_path,
+            revision=revision,
+            dtype=self.torch_dtype,
+            attn_implementation={"text_config": "eager", "vision_config": "sdpa"},
+        ).to(self.device).eval()
+        self.config = self.model.config
+        self.image_token_id = int(self.config.image_token_id)
+        strategy = self.config.vision_feature_select_strategy
+        self.grid_h, self.grid_w, self.extra_tokens = conv.vision_grid(self.config.vision_config, strategy)
+        self.num_image_tokens = self.grid_h * self.grid_w + self.extra_tokens
+        patch = int(self.config.vision_config.patch_size)
+        self.pixel_hw = (self.grid_h * patch, self.grid_w * patch)
+        self.decoder_layers = self._decoder_layers()
+        self.layers = conv.parse_layers(layers, len(self.decoder_layers))
+        self.commit = getattr(self.config, "_commit_hash", None)
+        self._capture = _Capture()
+        self._handles = [
+            self.decoder_layers[i].self_attn.register_forward_hook(self._capture.hook) for i in self.layers
+        ]
+
+    def _decoder_layers(self):
+        lm = getattr(getattr(self.model, "model", None), "language_model", None)
+        if lm is None or not hasattr(lm, "layers"):
+            lm = getattr(getattr(self.model, "language_model", None), "model", None)
+        if lm is None or not hasattr(lm, "layers"):
+            raise ValueError(f"model {self.model_path!r}: cannot find the language model's decoder layers")
+        return list(lm.layers)
+
+    # ------------------------------------------------------------------ provenance
+
+    def provenance(self) -> dict[str, Any]:
+        """What the manifest records about the teacher (the store adds data, counts, hash)."""
+        torch, transformers = _torch()
+        template = self.processor.chat_template
+        return {
+            "teacher": "llava",
+            "model": self.model_path,
+            "revision": self.revision,
+            "commit": self.commit,
+            "model_fingerprint": _fingerprint(self.model_path),
+            "dtype": self.dtype_name,
+            "task": self.task,
+            "prompt": self.prompt,
+            "response_template": self.response_template,
+            "background": self.background,
+            "background_words": self.background_words,
+            "background_max_tokens": self.background_max_tokens if self.background == "generate" else None,
+            "box_color": list(self.box_color) if self.task == "dense" else None,
+            "box_width": self.box_width if self.task == "dense" else None,
+            "layers": list(self.layers),
+            "num_layers": len(self.decoder_layers),
+            "grid": [self.grid_h, self.grid_w],
+            "image_tokens": self.num_image_tokens,
+            "vision_feature_select_strategy": self.config.vision_feature_select_strategy,
+            "reduction": "mean over span tokens and heads, mean over layers; Eq. 11/12 relu + L1",
+            "chat_template_sha256": hashlib.sha256(str(template).encode()).hexdigest(),
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+        }
+
+    # ------------------------------------------------------------------ text
+
+    def _objects(self, name, boxes, where: str) -> list[str]:
+        if self.task == "classify":
+            if not isinstance(name, str):
+                raise ValueError(f"{where}: classify needs one class name, got {name!r}")
+            names = [conv.clean_name(name)]
+        else:
+            k = 0 if boxes is None else int(np.asarray(boxes).reshape(-1, 4).shape[0])
+            if k == 0:
+                raise ValueError(f"{where}: the dense prompt needs at least one box")
+            names = [name] * k if isinstance(name, str) else list(name)
+            if len(names) != k:
+                raise ValueError(f"{where}: {len(names)} object names for {k} boxes")
+            names = [conv.clean_name(n) for n in names]
+        if not all(names):
+            raise ValueError(f"{where}: empty class name")
+        return names
+
+    def _render(self, prompt: str, response: str, *, continue_final: bool = False) -> str:
+        return self.processor.apply_chat_template(
+            conv.conversation(prompt, response), tokenize=False, continue_final_message=continue_final
+        )
+
+    def _prompt_for(self, objects: list[str]) -> str:
+        uniq = list(dict.fromkeys(objects))
+        return self.prompt.format(tgt_obj=" and ".join(uniq)) if "{tgt_obj}" in self.prompt else self.prompt
+
+    def _generate_background(self, images, prompts, prefixes) -> list[str]:
+        torch, _ = _torch()
+        texts = [self._render(p, pre, continue_final=True) for p, pre in zip(prompts, prefixes)]
+        enc = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        enc["pixel_values"] = enc["pixel_values"].to(self.torch_dtype)
+        with torch.inference_mode():
+            out = self.model.generate(
+                **enc, max_new_tokens=self.background_max_tokens, do_sample=False,
+                pad_token_id=self.processor.tokenizer.pad_token_id,
+            )
+        new = out[:, enc["input_ids"].shape[1]:]
+        words = []
+        for row in self.processor.tokenizer.batch_decode(new, skip_special_tokens=True):
+            line = row.strip().split("\n")[0]
+            words.append(" ".join(line.split()).strip(" ,.;:")[:80])
+        return words
+
+    # ------------------------------------------------------------------ maps
+
+    def maps(
+        self,
+        images: Sequence[np.ndarray],
+        class_names: Sequence[str | Sequence[str]],
+        boxes: Sequence[np.ndarray | None] | None = None,
+        *,
+        ids: Sequence[str] | None = None,
+    ) -> list[TeacherEntry]:
+        """Teacher maps for `images` (uint8 [H, W, 3]); one class name per image (dense: one
+        name or one name per box). `ids` only label error messages."""
+        if len(class_names) != len(images):
+            raise ValueError(f"{len(images)} images but {len(class_names)} class names")
+        if boxes is not None and len(boxes) != len(images):
+            raise ValueError(f"{len(images)} images but {len(boxes)} box arrays")
+        ids = list(ids) if ids is not None else [f"image {i}" for i in range(len(images))]
+        out: list[TeacherEntry] = []
+        for s in range(0, len(images), self.batch_size):
+            sl = slice(s, s + self.batch_size)
+            out.extend(self._batch(images[sl], class_names[sl], None if boxes is None else boxes[sl], ids[sl]))
+        return out
+
+    def _batch(self, images, names, boxes, ids) -> list[TeacherEntry]:
+        torch, _ = _torch()
+        from PIL import Image
+
+        pil, geoms, objects, prompts = [], [], [], []
+        for i, img in enumerate(images):
+            where = f"example {ids[i]}"
+            a = np.asarray(img)
+            if a.ndim == 3 and a.shape[2] == 1:
+                a = a[..., 0]
+            if a.ndim == 2:
+                a = np.repeat(a[..., None], 3, axis=2)
+            if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3 or min(a.shape[:2]) < 1:
+                raise ValueError(f"{where}: expected a uint8 [H, W, 3] image, got {a.dtype} {a.shape}")
+            bx = None if boxes is None else boxes[i]
+            objs = self._objects(names[i], bx, where)
+            if self.task == "dense":
+                a = conv.draw_boxes(a, bx, self.box_color, self.box_width)
+            pil.append(Image.fromarray(a))
+            geom, out_hw = conv.processor_geometry(self.processor.image_processor, a.shape[0], a.shape[1])
+            if out_hw != self.pixel_hw:
+                raise ValueError(
+                    f"{where}: the processor makes a {out_hw[0]}x{out_hw[1]} image of this "
+                    f"{a.shape[0]}x{a.shape[1]} one but the vision tower takes "
+                    f"{self.pixel_hw[0]}x{self.pixel_hw[1]}; unsupported preprocessing"
+                )
+            geoms.append(geom)
+            objects.append(objs)
+            prompts.append(self._prompt_for(objs))
+
+        if self.background == "generate":
+            pre = [conv.build_response(self.response_template, objects=o, background="x", task=self.task)
+                   .prefix_before_background() for o in objects]
+            generated = self._generate_background(pil, prompts, pre)
+        else:
+            generated = [None] * len(images)
+        backgrounds = [g if g else self.background_words for g in generated]
+
+        responses = [conv.build_response(self.response_template, objects=o, background=bgw, task=self.task)
+                     for o, bgw in zip(objects, backgrounds)]
+        texts = [self._render(p, r.text) for p, r in zip(prompts, responses)]
+        enc = self.processor(text=texts, images=pil, padding=True, return_tensors="pt")
+        input_ids, mask = enc["input_ids"], enc["attention_mask"]
+        if tuple(enc["pixel_values"].shape[-2:]) != self.pixel_hw:
+            raise ValueError(f"model {self.model_path!r}: the processor's output "
+                             f"{tuple(enc['pixel_values'].shape)} is not {self.pixel_hw}")
+        tok = self.processor.tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
+        b, seq = input_ids.shape
+        rows, img_pos, roles_all = [], [], []
+        for i in range(b):
+            where = f"example {ids[i]}"
+            pad = int((mask[i] == 0).sum())
+            if pad and int(mask[i, :pad].sum()) != 0:
+                raise ValueError("the tokenizer must pad on the left")
+            ids_u, offs = tok["input_ids"][i], tok["offset_mapping"][i]
+            where_img = [t for t, x in enumerate(ids_u) if x == self.image_token_id]
+            if len(where_img) != 1:
+                raise ValueError(f"{where}: the rendered chat has {len(where_img)} image tokens, expected 1")
+            p0, n_img = where_img[0], self.num_image_tokens
+            expected = ids_u[:p0] + [self.image_token_id] * n_img + ids_u[p0 + 1:]
+            got = input_ids[i, pad:].tolist()
+            if got != expected:
+                raise ValueError(
+                    f"{where}: the processor's token ids differ from the tokenized conversation with "
+                    f"its image token expanded to {n_img} (grid {self.grid_h}x{self.grid_w}"
+                    f"{' + CLS' if self.extra_tokens else ''}); spans cannot be located safely"
+                )
+            base = conv.locate_response(texts[i], responses[i].text, prompts[i])
+            spans, roles = [], []
+            for role, c0, c1 in responses[i].spans:
+                toks = conv.span_token_positions(offs, base + c0, base + c1)
+                spans.append([pad + (t if t < p0 else t + n_img - 1) for t in toks])
+                roles.append(role)
+            rows.append(spans)
+            roles_all.append(roles)
+            img_pos.append(list(range(pad + p0, pad + p0 + n_img)))
+
+        p_max = max(len(sp) for sp in rows)
+        r_max = max(sum(len(s) for s in sp) for sp in rows)
+        row_idx = torch.zeros((b, r_max), dtype=torch.long)
+        row_w = torch.zeros((b, p_max, r_max), dtype=torch.float32)
+        for i, spans in enumerate(rows):
+            r = 0
+            for p, toks in enumerate(spans):
+                for t in toks:
+                    row_idx[i, r] = t
+                    row_w[i, p, r] = 1.0 / len(toks)
+                    r += 1
+        cap = self._capture
+        cap.row_idx, cap.row_w = row_idx.to(self.device), row_w.to(self.device)
+        cap.img_idx = torch.tensor(img_pos, dtype=torch.long, device=self.device)
+        cap.acc = torch.zeros((b, p_max, self.num_image_tokens), dtype=torch.float32, device=self.device)
+        cap.calls = 0
+        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        try:
+            with torch.inference_mode():
+                self.model.model(
+                    input_ids=input_ids.to(self.device),
+                    pixel_values=enc["pixel_values"].to(self.device, self.torch_dtype),
+                    attention_mask=mask.to(self.device),
+                    position_ids=position_ids.to(self.device),
+                    use_cache=False,
+                )
+            if cap.calls != len(self.layers):
+                raise RuntimeError(f"captured {cap.calls} layers, expected {len(self.layers)}")
+            acc = (cap.acc / len(self.layers)).cpu().numpy()
+        finally:
+            cap.acc = cap.row_idx = cap.row_w = cap.img_idx = None
+
+        entries = []
+        for i in range(b):
+            span_attn = acc[i, : len(roles_all[i]), self.extra_tokens:]
+            m, degenerate, reason = conv.map_from_spans(span_attn, roles_all[i])
+            meta: dict[str, Any] = {}
+            if self.background == "generate":
+                meta["background_words"] = backgrounds[i]
+                if not generated[i]:
+                    meta["background_fallback"] = True  # generation was empty: fixed words used
+            if reason:
+                meta["degenerate_reason"] = reason
+            entries.append(TeacherEntry(m.reshape(self.grid_h, self.grid_w), geoms[i], degenerate, meta))
+        return entries
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+# --------------------------------------------------------------------------- export backend
+
+TEACHER_OPTIONS = {
+    # option name: (default, help)
+    "model": ("llava-hf/llava-1.5-7b-hf", "hub id or local directory of a LLaVA-1.5-style checkpoint"),
+    "revision": (None, "hub revision (branch, tag or commit)"),
+    "dtype": ("auto", "auto | float32 | float16 | bfloat16 (auto: bf16 on GPU, fp32 on CPU)"),
+    "device": ("auto", "auto | cpu | cuda | cuda:<i>"),
+    "layers": ("all", "language-model layers to average: all | 0,5 | 16:32"),
+    "task": ("classify", "classify (Eq. 11) | dense (Eq. 12, boxes drawn on the image)"),
+    "prompt": (None, "prompt template (default per task; dense uses {tgt_obj})"),
+    "response_template": (None, "response template (default per task)"),
+    "background": ("fixed", "fixed | generate (greedy background words from the VLM)"),
+    "background_words": (conv.DEFAULT_BACKGROUND_WORDS, "background words for --background=fixed"),
+    "background_max_tokens": (8, "max new tokens for --background=generate"),
+    "box_color": ("red", "dense: box colour (name, #rrggbb, r,g,b)"),
+    "box_width": (0, "dense: box line width in pixels (0: 1% of the long side)"),
+    "batch_size": (8, "images per forward pass"),
+}
+
+_CACHE: dict[str, LlavaTeacher] = {}
+
+
+def _opt(options, key: str, default=None):
+    if options is None:
+        return default
+    for k in (key, key.replace("_", "-")):
+        if isinstance(options, Mapping):
+            if k in options and options[k] is not None:
+                return options[k]
+        elif getattr(options, k, None) is not None:
+            return getattr(options, k)
+    return default
+
+
+def teacher_from_options(options) -> LlavaTeacher:
+    """The LlavaTeacher for these export options (loaded once per process and reused)."""
+    kwargs = {k: _opt(options, k, d) for k, (d, _) in TEACHER_OPTIONS.items()}
+    key = json.dumps(kwargs, sort_keys=True, default=str)
+    if key not in _CACHE:
+        for old in _CACHE.values():
+            old.close()
+        _CACHE.clear()
+        model = kwargs.pop("model")
+        _CACHE[key] = LlavaTeacher(model, **kwargs)
+    return _CACHE[key]
+
+
+def provenance(options) -> dict[str, Any]:
+    return teacher_from_options(options).provenance()
+
+
+def _class_names_for(source, ex: dict, teacher: LlavaTeacher, where: str):
+    names = list(getattr(source, "class_names", None) or [])
+
+    def name_of(label):
+        try:
+            lab = int(label)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: label {label!r} is not an integer") from None
+        if not 0 <= lab < len(names) or not str(names[lab]).strip():
+            raise ValueError(
+                f"{where}: no class name for label {lab} (the source has {len(names)} class names)"
+            )
+        return str(names[lab])
+
+    if "label" not in ex:
+        raise ValueError(f"{where}: the example has no label, so no class name for the prompt")
+    if teacher.task == "dense" and ex.get("box_labels") is not None:
+        return [name_of(lab) for lab in np.asarray(ex["box_labels"]).reshape(-1)]
+    return name_of(ex["label"])
+
+
+class _Progress:
+    """A one-line progress bar on stderr with images/s and ETA."""
+
+    def __init__(self, total: int, label: str = "llava"):
+        self.total, self.done, self.label = total, 0, label
+        self.t0 = time.perf_counter()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        rate = self.done / dt
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        width = 30
+        fill = int(width * self.done / max(self.total, 1))
+        sys.stderr.write(
+            f"\r{self.label} [{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} "
+            f"{rate:.2f} img/s ETA {eta:.0f}s"
+        )
+        if self.done >= self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def export_backend(source, indices: Sequence[int], options) -> list[tuple[str, TeacherEntry]]:
+    """The export registry's `llava` backend: (source, indices, options) -> [(id, entry)]."""
+    teacher = teacher_from_options(options)
+    out: list[tuple[str, TeacherEntry]] = []
+    indices = list(indices)
+    progress = _Progress(len(indices)) if _opt(options, "progress", True) else None
+    for s in range(0, len(indices), teacher.batch_size):
+        chunk = indices[s : s + teacher.batch_size]
+        ids, images, names, boxes = [], [], [], []
+        for i in chunk:
+            try:
+                eid = source.example_id(i)
+            except Exception as e:
+                raise ValueError(f"{getattr(source, 'name', 'source')}: index {i}: {e}") from e
+            where = f"{getattr(source, 'name', 'source')}/{getattr(source, 'split', '?')} example {eid}"
+            try:
+                ex = source[i]
+            except Exception as e:
+                raise ValueError(f"{where}: cannot read the example: {type(e).__name__}: {e}") from e
+            ids.append(eid)
+            images.append(ex["image"])
+            names.append(_class_names_for(source, ex, teacher, where))
+            boxes.append(ex.get("boxes"))
+        entries = teacher.maps(images, names, boxes if teacher.task == "dense" else None, ids=ids)
+        out.extend(zip(ids, entries))
+        if progress:
+            progress.update(len(chunk))
+    return out
