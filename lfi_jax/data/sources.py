@@ -1,0 +1,425 @@
+"""Random-access data sources, each named by one spec string (SPEC section 5).
+
+  shortcut_digits        the embedded benchmark (lfi_jax/data/shortcut_digits.py)
+  imagefolder:PATH       PATH/<split>/<class>/<file> if PATH/<split> exists, else PATH/<class>/<file>
+  tinyimagenet:PATH      the data set's own layout (train/<wnid>/images, val/images + annotations)
+  tfds:NAME              a TFDS catalog data set (needs tensorflow_datasets, imported lazily)
+
+Every source is a grain `RandomAccessDataSource`: `len(src)`, `src[i]` -> a dict with "id"
+(stable example id, the key of the teacher store), "image" (uint8 [H, W, 3]), "label" (int)
+and optionally "mask" (float32 [H, W] in [0, 1]) and "boxes" (float32 [K, 4], (y0, x0, y1, x1)
+in pixels, y1/x1 exclusive); `src.example_id(i)` gives the id without decoding.
+
+Generic options (any source): `data_ratio` in (0, 1] keeps a deterministic class-stratified
+subset (the same for a given `subset_seed`, default 0; a smaller ratio's subset is contained in
+a larger one's), as in the paper's 1/10/50/100 % training-data experiments.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from lfi_jax.data.shortcut_digits import ShortcutDigits
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+GENERIC_OPTIONS = ("data_ratio", "subset_seed")
+
+
+@runtime_checkable
+class DataSource(Protocol):
+    name: str
+    split: str
+    class_names: list[str]
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> dict: ...
+
+    def example_id(self, index: int) -> str: ...
+
+
+def decode_image(path: str) -> np.ndarray:
+    """The image file at `path` as uint8 [H, W, 3] RGB; an unreadable file names itself."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file not found: {path}") from None
+    except Exception as e:  # PIL raises several types for corrupt/truncated files
+        raise ValueError(f"cannot decode image file {path}: {type(e).__name__}: {e}") from e
+    return arr
+
+
+def _check_index(src, index: int) -> int:
+    i = int(index)
+    if not 0 <= i < len(src):
+        raise IndexError(f"{src.name}/{src.split}: index {index} out of range [0, {len(src)})")
+    return i
+
+
+def _require_dir(path: str, what: str) -> None:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{what}: directory not found: {path}")
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _no_options(kind: str, options: Mapping[str, Any], known: Sequence[str] = ()) -> None:
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(
+            f"unknown {kind} options: {', '.join('data.options.' + k for k in unknown)}"
+            + (f" (known: {sorted(known)})" if known else "")
+        )
+
+
+# --------------------------------------------------------------------------- imagefolder
+
+
+class ImageFolder:
+    """`PATH/<split>/<class>/<file>` (or `PATH/<class>/<file>`); classes and files sorted.
+
+    The class list is taken from PATH/train when it exists (the label space the model is
+    trained on), else from the split's own directory; a class directory in the split that is
+    not in that list is an error naming it. Example id: `<class>/<file>`.
+    """
+
+    def __init__(self, path: str, split: str, *, name: str | None = None):
+        self.name = name or f"imagefolder:{path}"
+        self.split = split
+        _require_dir(path, f"imagefolder data for split {split!r}")
+        root = os.path.join(path, split)
+        train_dir = os.path.join(path, "train")
+        if not os.path.isdir(root):
+            if os.path.isdir(train_dir):  # a split layout without this split
+                raise FileNotFoundError(f"imagefolder split {split!r}: directory not found: {root}")
+            root = path
+        self.root = root
+        class_root = train_dir if os.path.isdir(train_dir) else root
+        self.class_names = sorted(d for d in os.listdir(class_root) if not d.startswith(".") and os.path.isdir(os.path.join(class_root, d)))
+        if not self.class_names:
+            raise ValueError(f"imagefolder: no class directories in {class_root}")
+        index = {c: i for i, c in enumerate(self.class_names)}
+        files, labels = [], []
+        for c in sorted(d for d in os.listdir(root) if not d.startswith(".") and os.path.isdir(os.path.join(root, d))):
+            if c not in index:
+                raise ValueError(f"imagefolder: class directory {os.path.join(root, c)} is not a class of {class_root}")
+            for f in sorted(os.listdir(os.path.join(root, c))):
+                if _is_image(f):
+                    files.append(f"{c}/{f}")
+                    labels.append(index[c])
+        if not files:
+            raise ValueError(f"imagefolder: no image files ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+        self._ids = files
+        self._labels = np.asarray(labels, np.int64)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def example_id(self, index: int) -> str:
+        return self._ids[_check_index(self, index)]
+
+    def labels(self) -> np.ndarray:
+        return self._labels.copy()
+
+    def path(self, index: int) -> str:
+        return os.path.join(self.root, self._ids[_check_index(self, index)])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        i = _check_index(self, index)
+        return {"id": self._ids[i], "image": decode_image(self.path(i)), "label": int(self._labels[i])}
+
+
+# --------------------------------------------------------------------------- tinyimagenet
+
+
+class TinyImageNet:
+    """TinyImageNet-200 in its own layout.
+
+      PATH/wnids.txt                              the 200 wnids (classes: sorted wnids)
+      PATH/words.txt                              wnid <tab> names (class name: the first one)
+      PATH/train/<wnid>/images/<file>.JPEG        train; boxes in train/<wnid>/<wnid>_boxes.txt
+      PATH/val/images/<file>.JPEG                 val; labels + boxes in val/val_annotations.txt
+
+    Splits "train" and "val" ("test" has no labels). Ids: `train/<wnid>/<file>`, `val/<file>`.
+    Boxes: the data set's inclusive pixel corners (x0, y0, x1, y1) become (y0, x0, y1 + 1, x1 + 1).
+    """
+
+    SPLITS = ("train", "val")
+
+    def __init__(self, path: str, split: str, *, name: str | None = None):
+        self.name = name or f"tinyimagenet:{path}"
+        self.split = split
+        if split not in self.SPLITS:
+            raise ValueError(f"tinyimagenet has no labelled split {split!r}; expected one of {list(self.SPLITS)}")
+        _require_dir(path, "tinyimagenet data")
+        wnids_file = os.path.join(path, "wnids.txt")
+        if os.path.isfile(wnids_file):
+            with open(wnids_file) as f:
+                wnids = sorted({line.strip() for line in f if line.strip()})
+        else:
+            _require_dir(os.path.join(path, "train"), "tinyimagenet (no wnids.txt) train")
+            wnids = sorted(d for d in os.listdir(os.path.join(path, "train")) if not d.startswith("."))
+        if not wnids:
+            raise ValueError(f"tinyimagenet: no classes found in {wnids_file}")
+        self.wnids = wnids
+        words = {}
+        words_file = os.path.join(path, "words.txt")
+        if os.path.isfile(words_file):
+            with open(words_file) as f:
+                for n, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    parts = line.rstrip("\n").split("\t", 1)
+                    if len(parts) != 2:
+                        raise ValueError(f"{words_file}:{n}: expected '<wnid>\\t<names>', got {line.strip()!r}")
+                    words[parts[0]] = parts[1]
+        self.class_descriptions = [words.get(w, w) for w in wnids]
+        self.class_names = [d.split(",")[0].strip() for d in self.class_descriptions]
+        index = {w: i for i, w in enumerate(wnids)}
+        ids, files, labels, boxes = [], [], [], []
+        if split == "train":
+            for w in wnids:
+                d = os.path.join(path, "train", w, "images")
+                _require_dir(d, f"tinyimagenet train class {w}")
+                wboxes = _read_boxes(os.path.join(path, "train", w, f"{w}_boxes.txt"), name_col=0, box_col=1)
+                for f in sorted(os.listdir(d)):
+                    if _is_image(f):
+                        ids.append(f"train/{w}/{f}")
+                        files.append(os.path.join(d, f))
+                        labels.append(index[w])
+                        boxes.append(wboxes.get(f))
+        else:
+            d = os.path.join(path, "val", "images")
+            _require_dir(d, "tinyimagenet val images")
+            ann_file = os.path.join(path, "val", "val_annotations.txt")
+            if not os.path.isfile(ann_file):
+                raise FileNotFoundError(f"tinyimagenet val labels: file not found: {ann_file}")
+            ann_labels = {}
+            with open(ann_file) as f:
+                for n, line in enumerate(f, 1):
+                    parts = line.split()
+                    if not parts:
+                        continue
+                    if len(parts) < 2 or parts[1] not in index:
+                        raise ValueError(f"{ann_file}:{n}: unknown or missing wnid in {line.strip()!r}")
+                    ann_labels[parts[0]] = index[parts[1]]
+            vboxes = _read_boxes(ann_file, name_col=0, box_col=2)
+            for f in sorted(os.listdir(d)):
+                if not _is_image(f):
+                    continue
+                if f not in ann_labels:
+                    raise ValueError(f"tinyimagenet: {os.path.join(d, f)} has no label in {ann_file}")
+                ids.append(f"val/{f}")
+                files.append(os.path.join(d, f))
+                labels.append(ann_labels[f])
+                boxes.append(vboxes.get(f))
+        if not ids:
+            raise ValueError(f"tinyimagenet: no images for split {split!r} under {path}")
+        self._ids, self._files = ids, files
+        self._labels = np.asarray(labels, np.int64)
+        self._boxes = boxes
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def example_id(self, index: int) -> str:
+        return self._ids[_check_index(self, index)]
+
+    def labels(self) -> np.ndarray:
+        return self._labels.copy()
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        i = _check_index(self, index)
+        out = {"id": self._ids[i], "image": decode_image(self._files[i]), "label": int(self._labels[i])}
+        if self._boxes[i] is not None:
+            out["boxes"] = self._boxes[i][None, :].copy()
+        return out
+
+
+def _read_boxes(path: str, *, name_col: int, box_col: int) -> dict[str, np.ndarray]:
+    """file name -> float32 [4] (y0, x0, y1, x1) from a TinyImageNet box file; {} if absent."""
+    if not os.path.isfile(path):
+        return {}
+    out = {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            try:
+                x0, y0, x1, y1 = (float(v) for v in parts[box_col : box_col + 4])
+            except ValueError:
+                raise ValueError(f"{path}:{n}: expected 4 box coordinates in {line.strip()!r}") from None
+            out[parts[name_col]] = np.asarray([y0, x0, y1 + 1, x1 + 1], np.float32)
+    return out
+
+
+# --------------------------------------------------------------------------- tfds
+
+
+class TFDSSource:
+    """A TFDS catalog data set through `tfds.data_source` (random access, ArrayRecord files).
+
+    Options: data_dir (TFDS data dir), image_key ("image"), label_key ("label").
+    Ids: `<name>/<split>/<index>` (TFDS record order is stable for a given version).
+    """
+
+    OPTIONS = ("data_dir", "image_key", "label_key")
+
+    def __init__(self, tfds_name: str, split: str, options: Mapping[str, Any], *, name: str | None = None):
+        try:
+            import tensorflow_datasets as tfds
+        except ImportError:
+            raise ImportError(
+                f"data source 'tfds:{tfds_name}' needs tensorflow_datasets, which is not installed: "
+                "pip install 'lfi-jax[tfds]'"
+            ) from None
+        _no_options("tfds", options, self.OPTIONS)
+        self.name = name or f"tfds:{tfds_name}"
+        self.split = split
+        self._image_key = options.get("image_key", "image")
+        self._label_key = options.get("label_key", "label")
+        self._tfds_name = tfds_name
+        builder = tfds.builder(tfds_name, data_dir=options.get("data_dir"))
+        self._src = tfds.data_source(tfds_name, split=split, data_dir=options.get("data_dir"))
+        label = builder.info.features[self._label_key]
+        self.class_names = list(getattr(label, "names", None) or [str(i) for i in range(label.num_classes)])
+
+    def __len__(self) -> int:
+        return len(self._src)
+
+    def example_id(self, index: int) -> str:
+        return f"{self._tfds_name}/{self.split}/{_check_index(self, index)}"
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        i = _check_index(self, index)
+        rec = self._src[i]
+        img = np.asarray(rec[self._image_key])
+        if img.ndim == 2:
+            img = img[..., None]
+        if img.shape[-1] == 1:
+            img = np.repeat(img, 3, axis=-1)
+        elif img.shape[-1] == 4:
+            img = img[..., :3]
+        return {"id": self.example_id(i), "image": img.astype(np.uint8), "label": int(rec[self._label_key])}
+
+
+# --------------------------------------------------------------------------- subsets
+
+
+def subset_indices(labels: np.ndarray | None, n: int, ratio: float, seed: int = 0) -> np.ndarray:
+    """Sorted indices of a deterministic `ratio` subset of n examples, stratified by label.
+
+    Each class is permuted once by (seed, class) and its first ceil(ratio * n_c) members are
+    kept, so subsets for a smaller ratio are contained in those for a larger one.
+    """
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"data_ratio={ratio} must lie in (0, 1]")
+    if ratio == 1.0:
+        return np.arange(n)
+    if labels is None:
+        perm = np.random.default_rng([seed, 2**31 - 1]).permutation(n)
+        return np.sort(perm[: max(1, math.ceil(ratio * n - 1e-9))])
+    labels = np.asarray(labels)
+    keep = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        perm = np.random.default_rng([seed, int(c)]).permutation(len(members))
+        keep.append(members[perm[: max(1, math.ceil(ratio * len(members) - 1e-9))]])
+    return np.sort(np.concatenate(keep))
+
+
+class SubsetSource:
+    """A fixed subset of another source (ids and labels unchanged)."""
+
+    def __init__(self, base, indices: np.ndarray, *, data_ratio: float):
+        self.base = base
+        self.indices = np.asarray(indices, np.int64)
+        self.name, self.split, self.class_names = base.name, base.split, base.class_names
+        self.data_ratio = data_ratio
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _base_index(self, index: int) -> int:
+        return int(self.indices[_check_index(self, index)])
+
+    def example_id(self, index: int) -> str:
+        return self.base.example_id(self._base_index(index))
+
+    def labels(self) -> np.ndarray | None:
+        labels = getattr(self.base, "labels", None)
+        return None if labels is None else labels()[self.indices]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.base[self._base_index(index)]
+
+    def __repr__(self) -> str:
+        return f"SubsetSource({self.base!r}, n={len(self)}, data_ratio={self.data_ratio})"
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """'kind:arg' -> (kind, arg); 'shortcut_digits' -> ('shortcut_digits', '')."""
+    kind, _, arg = str(spec).partition(":")
+    kinds = ("shortcut_digits", "imagefolder", "tinyimagenet", "tfds")
+    if kind not in kinds:
+        raise ValueError(
+            f"data.source={spec!r}: expected shortcut_digits, imagefolder:PATH, tinyimagenet:PATH or tfds:NAME"
+        )
+    if kind == "shortcut_digits" and arg:
+        raise ValueError(f"data.source={spec!r}: shortcut_digits takes no argument (use data.options)")
+    if kind != "shortcut_digits" and not arg:
+        raise ValueError(f"data.source={spec!r}: {kind} needs an argument ({kind}:{'NAME' if kind == 'tfds' else 'PATH'})")
+    return kind, arg
+
+
+def get_source(spec: str, split: str, options: Mapping[str, Any] | None = None) -> DataSource:
+    """The source named by `spec` for `split` (see the module docstring for specs and options)."""
+    opts = dict(options or {})
+    ratio = float(opts.pop("data_ratio", 1.0))
+    subset_seed = int(opts.pop("subset_seed", 0))
+    kind, arg = parse_spec(spec)
+    if kind == "shortcut_digits":
+        src = ShortcutDigits(split, opts, name=spec)
+    elif kind == "imagefolder":
+        _no_options("imagefolder", opts)
+        src = ImageFolder(os.path.expanduser(arg), split, name=spec)
+    elif kind == "tinyimagenet":
+        _no_options("tinyimagenet", opts)
+        src = TinyImageNet(os.path.expanduser(arg), split, name=spec)
+    else:
+        src = TFDSSource(arg, split, opts, name=spec)
+    if ratio != 1.0:
+        labels = getattr(src, "labels", None)
+        idx = subset_indices(None if labels is None else labels(), len(src), ratio, subset_seed)
+        src = SubsetSource(src, idx, data_ratio=ratio)
+    return src
+
+
+__all__ = [
+    "DataSource",
+    "IMAGE_EXTENSIONS",
+    "ImageFolder",
+    "ShortcutDigits",
+    "SubsetSource",
+    "TFDSSource",
+    "TinyImageNet",
+    "decode_image",
+    "get_source",
+    "parse_spec",
+    "subset_indices",
+]
