@@ -293,7 +293,9 @@ class LlavaTeacher:
         words = []
         for row in self.processor.tokenizer.batch_decode(new, skip_special_tokens=True):
             line = row.strip().split("\n")[0]
-            words.append(" ".join(line.split()).strip(" ,.;:")[:80])
+            # Keep printable text only (a partial UTF-8 sequence decodes to U+FFFD).
+            line = "".join(c for c in line if c.isprintable() and c != "\ufffd")
+            words.append(" ".join(line.split()).strip(" ,.;:")[:80].strip())
         return words
 
     # ------------------------------------------------------------------ maps
@@ -389,7 +391,7 @@ class LlavaTeacher:
             base = conv.locate_response(texts[i], responses[i].text, prompts[i])
             spans, roles = [], []
             for role, c0, c1 in responses[i].spans:
-                toks = conv.span_token_positions(offs, base + c0, base + c1)
+                toks = conv.span_token_positions(texts[i], offs, base + c0, base + c1)
                 spans.append([pad + (t if t < p0 else t + n_img - 1) for t in toks])
                 roles.append(role)
             rows.append(spans)

@@ -137,16 +137,19 @@ def locate_response(rendered: str, response: str, prompt: str) -> int:
     return at
 
 
-def span_token_positions(offsets: Sequence[tuple[int, int]], start: int, end: int) -> list[int]:
-    """Tokens whose character range overlaps [start, end) on non-blank characters.
+def span_token_positions(text: str, offsets: Sequence[tuple[int, int]], start: int, end: int) -> list[int]:
+    """Tokens that carry a non-blank character of text[start:end].
 
-    `offsets` are the tokenizer's (char_start, char_end) per token on the same text (special
-    tokens have empty ranges and never match). A token like " cat" that carries the separating
-    space counts for the span "cat"; a token of only punctuation or space outside does not.
+    `offsets` are the tokenizer's (char_start, char_end) per token on `text` (special tokens
+    have empty ranges and never match). A token like " cat" that carries the separating space
+    counts for the span "cat"; a token of only blanks or of only characters outside does not.
     """
-    out = [t for t, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+    out = [
+        t for t, (a, b) in enumerate(offsets)
+        if b > a and a < end and b > start and text[max(a, start) : min(b, end)].strip()
+    ]
     if not out:
-        raise ValueError(f"no token covers characters [{start}, {end})")
+        raise ValueError(f"no token covers characters [{start}, {end}) = {text[start:end]!r}")
     return out
 
 
