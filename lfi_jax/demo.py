@@ -11,7 +11,6 @@ WORKDIR/convergence.png. Finished runs are not redone: re-running only fills wha
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 import time
@@ -19,7 +18,7 @@ import time
 import numpy as np
 
 from lfi_jax.config import load_config_file
-from lfi_jax.metrics import read_metrics
+from lfi_jax.metrics import read_metrics, setup_logging
 
 MODELS = ("vit", "ivit")
 
@@ -160,7 +159,7 @@ def main(argv=None):
     FLAGS = flags.FLAGS
 
     def _main(argv):
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        setup_logging()
         overrides = dict(s.split("=", 1) for s in FLAGS.set)
         os.makedirs(FLAGS.workdir, exist_ok=True)
         results: dict[str, list[dict]] = {m: [] for m in FLAGS.models}

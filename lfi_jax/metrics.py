@@ -3,8 +3,26 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 from typing import Any
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Our progress messages at `level` on stderr; library chatter (orbax, absl) at WARNING."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING)
+    ours = logging.getLogger("lfi_jax")
+    ours.setLevel(level)
+    if not any(getattr(h, "_lfi", False) for h in ours.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler._lfi = True
+        ours.addHandler(handler)
+        ours.propagate = False
 
 
 def format_eta(seconds: float) -> str:

@@ -31,7 +31,7 @@ from lfi_jax import sharding as shd
 from lfi_jax.checkpoint import Checkpointer, abstract_like
 from lfi_jax.config import model_config, validate
 from lfi_jax.losses import alignment_loss, cross_entropy
-from lfi_jax.metrics import MetricWriter, format_eta
+from lfi_jax.metrics import MetricWriter, format_eta, setup_logging
 from lfi_jax.models.vit import ModelConfig, ViT
 from lfi_jax.optim import make_optimizer, path_str
 
@@ -404,7 +404,7 @@ def main(argv=None):
     def _main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        setup_logging()
         config = flags_.config
         from lfi_jax.distributed import maybe_initialize
 
