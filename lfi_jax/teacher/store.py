@@ -122,9 +122,9 @@ def check_map(m: np.ndarray, degenerate: bool, grid: tuple[int, int] | None, whe
     total = float(np.sum(m, dtype=np.float64))
     if degenerate:
         if total != 0.0:
-            raise ValueError(f"{where}: degenerate map must be all zeros, sums to {total}")
+            raise ValueError(f"{where}: degenerate map must be all zeros, sums to {total:.6g}")
     elif abs(total - 1.0) > SUM_TOLERANCE:
-        raise ValueError(f"{where}: map sums to {total}, expected 1 (L1-normalised) for a non-degenerate map")
+        raise ValueError(f"{where}: map sums to {total:.6g}, expected 1 (L1-normalised) for a non-degenerate map")
 
 
 # --------------------------------------------------------------------------- records
