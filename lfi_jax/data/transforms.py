@@ -18,6 +18,7 @@ both. All randomness comes from an explicit numpy Generator.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -33,7 +34,10 @@ MASS_EPS = 1e-6  # a crop that keeps less teacher mass than this masks the examp
 
 
 def _edges(lo: float, hi: float, n: int) -> np.ndarray:
-    return np.linspace(float(lo), float(hi), int(n) + 1)
+    n = int(n)
+    e = float(lo) + (float(hi) - float(lo)) / n * np.arange(n + 1, dtype=np.float64)
+    e[-1] = float(hi)
+    return e
 
 
 def overlap_matrix(dst_edges: np.ndarray, src_edges: np.ndarray) -> np.ndarray:
@@ -52,13 +56,25 @@ def _cell_transfer(dst_edges: np.ndarray, cell_edges: np.ndarray, limit: float) 
     (padding beyond the image) lands nowhere.
     """
     c = np.asarray(cell_edges, np.float64)
-    length = np.diff(c)
-    if np.any(length <= 0):
+    length = c[1:] - c[:-1]
+    if not (length > 0).all():
         raise ValueError(f"teacher geometry: empty or reversed cells (edges {c[0]}..{c[-1]})")
-    clipped = np.clip(c, 0.0, float(limit))
-    lo = np.maximum(np.asarray(dst_edges, np.float64)[:-1, None], clipped[None, :-1])
-    hi = np.minimum(np.asarray(dst_edges, np.float64)[1:, None], clipped[None, 1:])
+    clipped = np.minimum(np.maximum(c, 0.0), float(limit))
+    d = np.asarray(dst_edges, np.float64)
+    lo = np.maximum(d[:-1, None], clipped[None, :-1])
+    hi = np.minimum(d[1:, None], clipped[None, 1:])
     return np.maximum(hi - lo, 0.0) / length[None, :]
+
+
+@functools.lru_cache(maxsize=16384)
+def _transfer(d_lo: float, d_hi: float, n_dst: int, c_lo: float, c_hi: float, n_cells: int, limit: float) -> np.ndarray:
+    """Cached `_cell_transfer` for evenly spaced dst intervals and cells (read-only result).
+
+    Crop boxes are integer pixels, so the same few thousand matrices recur.
+    """
+    out = _cell_transfer(_edges(d_lo, d_hi, n_dst), _edges(c_lo, c_hi, n_cells), limit)
+    out.flags.writeable = False
+    return out
 
 
 def _check_entry(entry: TeacherEntry) -> tuple[np.ndarray, tuple[int, int], tuple[float, float, float, float]]:
@@ -133,8 +149,8 @@ def teacher_to_grid(
     m, (h, w), (y0, x0, y1, x1) = _check_entry(entry)
     cy0, cx0, cy1, cx1 = (0.0, 0.0, float(h), float(w)) if crop_box is None else (float(b) for b in crop_box)
     gh, gw = int(grid_hw[0]), int(grid_hw[1])
-    ay = _cell_transfer(_edges(cy0, cy1, gh), _edges(y0, y1, m.shape[0]), h)
-    ax = _cell_transfer(_edges(cx0, cx1, gw), _edges(x0, x1, m.shape[1]), w)
+    ay = _transfer(cy0, cy1, gh, y0, y1, m.shape[0], float(h))
+    ax = _transfer(cx0, cx1, gw, x0, x1, m.shape[1], float(w))
     out = ay @ m @ ax.T
     total = out.sum()
     if not np.isfinite(total) or total <= MASS_EPS:

@@ -1,0 +1,379 @@
+"""The grain input pipeline: source -> teacher join -> geometry -> per-process shard -> batch.
+
+Train (`make_train_iterator`): an endless, checkpointable grain iterator.
+  * Order: epoch e visits the source in grain's index-shuffle permutation seeded by seed + e.
+  * Sharding: the global sequence of examples is dealt out round-robin, process p taking
+    positions p, p + P, p + 2P, ...; local batch t of every process together make global batch
+    t, and the union over processes is the same whatever P is.
+  * Augmentation of source example i in epoch e uses `numpy.random.default_rng([seed, e, i])`,
+    so it does not depend on the process count, the worker count or where training resumed.
+  * Batches are formed before the (optional) worker processes, so the stream is identical
+    for any `data.num_workers`.
+  * `it.get_state()` / `it.set_state(state)` restore the exact next batch (grain's dataset API);
+    the trainer saves the state with the model.
+
+Eval (`make_eval_iterator`): one finite pass; every example exactly once over all processes,
+the last batch padded (`valid` = 0) to keep a fixed shape.
+
+Batches are dicts of numpy arrays, this process's share (global_batch_size // process_count):
+  image float32 [b, S, S, 3] (normalised), label int32 [b], teacher float32 [b, gh * gw]
+  (student patch grid, row-major, sums to 1; zeros where missing), teacher_mask float32 [b],
+  and for eval valid float32 [b]. With `return_index=True` also index int64 [b] (source index).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import grain
+import numpy as np
+
+from lfi_jax.data.sources import get_source
+from lfi_jax.data.transforms import Augment, transform_example
+from lfi_jax.teacher.types import TeacherEntry
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NUM_THREADS = 2  # in-process prefetch threads (each builds whole batches)
+DEFAULT_PREFETCH = 4  # batches buffered ahead
+
+
+def _get(cfg: Any, key: str, default: Any) -> Any:
+    try:
+        return cfg.get(key, default)
+    except AttributeError:
+        return getattr(cfg, key, default)
+
+
+# --------------------------------------------------------------------------- teacher join
+
+
+class TeacherLookup:
+    """Per-example teacher entries from a TeacherStore, picklable for grain workers.
+
+    Opened from a path lazily in each process (an open store is never pickled), or wrapping
+    a ready store-like object (anything with `__getitem__`, `__contains__`, `grid`).
+    """
+
+    def __init__(self, store: Any = None, *, path: str = "", allow_missing: bool = False):
+        if store is None and not path:
+            raise ValueError("TeacherLookup needs a store or a path")
+        self.path = path
+        self.allow_missing = bool(allow_missing)
+        self._store = store
+        self._owns_store = store is None
+
+    @property
+    def store(self) -> Any:
+        if self._store is None:
+            from lfi_jax.teacher.store import TeacherStore
+
+            self._store = TeacherStore(self.path)
+        return self._store
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        if d["_owns_store"]:
+            d["_store"] = None
+        return d
+
+    def get(self, example_id: str) -> TeacherEntry | None:
+        """The entry for `example_id`; None if missing and allowed, KeyError naming it if not."""
+        store = self.store
+        if example_id not in store:
+            if self.allow_missing:
+                return None
+            raise KeyError(
+                f"teacher store {self.path or store!r} has no map for example {example_id!r} "
+                "(set config.teacher.allow_missing=True to mask such examples out)"
+            )
+        return store[example_id]
+
+    def missing_ids(self, source) -> list[str]:
+        store = self.store
+        return [eid for eid in (source.example_id(i) for i in range(len(source))) if eid not in store]
+
+
+def build_teacher_lookup(
+    teacher_cfg: Any, data_spec: str, split: str, *, store: Any = None, source=None
+) -> TeacherLookup | None:
+    """The teacher join for (data_spec, split), or None without a teacher.
+
+    `store` (a store-like object) overrides `teacher_cfg.store` (a path). The store's manifest
+    must match the source (`check_compatible`); with a `source`, every example must have a map
+    unless `teacher_cfg.allow_missing` (then the count of missing maps is logged).
+    """
+    path = str(_get(teacher_cfg, "store", "") or "")
+    allow_missing = bool(_get(teacher_cfg, "allow_missing", False))
+    if store is None and not path:
+        return None
+    lookup = TeacherLookup(store, path=path if store is None else "", allow_missing=allow_missing)
+    lookup.store.check_compatible(data_spec, split)
+    if source is not None:
+        missing = lookup.missing_ids(source)
+        if missing and not allow_missing:
+            raise KeyError(
+                f"teacher store {path or lookup.store!r} lacks maps for {len(missing)} of {len(source)} examples of "
+                f"{data_spec}/{split}, e.g. {missing[:3]} (set config.teacher.allow_missing=True to mask them out)"
+            )
+        if missing:
+            log.warning("teacher store %s: %d of %d examples have no map (masked out)", path, len(missing), len(source))
+    return lookup
+
+
+# --------------------------------------------------------------------------- per-example work
+
+
+class _Prepare:
+    """Source index (+ epoch) -> one transformed example. Picklable (grain workers)."""
+
+    def __init__(
+        self,
+        source,
+        lookup: TeacherLookup | None,
+        *,
+        image_size: int,
+        grid_hw: tuple[int, int],
+        mean,
+        std,
+        augment: Augment | None,
+        seed: int,
+        return_index: bool,
+    ):
+        self.source = source
+        self.lookup = lookup
+        self.image_size = int(image_size)
+        self.grid_hw = grid_hw
+        self.mean = np.asarray(mean, np.float32)
+        self.std = np.asarray(std, np.float32)
+        self.augment = augment
+        self.seed = int(seed) % 2**32
+        self.return_index = return_index
+        self.num_classes = len(source.class_names)
+
+    def example(self, index: int, epoch: int = 0) -> dict[str, np.ndarray]:
+        ex = self.source[index]
+        eid = ex["id"]
+        image = np.asarray(ex["image"])
+        if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"example {eid!r}: image must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
+        label = int(ex["label"])
+        if not 0 <= label < self.num_classes:
+            raise ValueError(f"example {eid!r}: label {label} outside [0, {self.num_classes})")
+        entry = self.lookup.get(eid) if self.lookup is not None else None
+        if entry is not None and tuple(entry.geometry.image_hw) != tuple(image.shape[:2]):
+            raise ValueError(
+                f"example {eid!r}: teacher geometry is for a {tuple(entry.geometry.image_hw)} image, "
+                f"the source gives {tuple(image.shape[:2])} (a store built with other data options?)"
+            )
+        rng = np.random.default_rng([self.seed, int(epoch), int(index)]) if self.augment is not None else None
+        out = transform_example(
+            image,
+            entry,
+            image_size=self.image_size,
+            grid_hw=self.grid_hw,
+            rng=rng,
+            augment=self.augment,
+            mean=self.mean,
+            std=self.std,
+        )
+        out["label"] = np.int32(label)
+        if self.return_index:
+            out["index"] = np.int64(index)
+        return out
+
+
+class _TrainElement:
+    def __init__(self, prepare: _Prepare):
+        self.prepare = prepare
+
+    def __call__(self, item: tuple[int, int]) -> dict[str, np.ndarray]:
+        epoch, index = item
+        return self.prepare.example(index, epoch)
+
+
+class _EpochIndex:
+    """(position in the repeated stream, source index) -> (epoch, source index)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __call__(self, position: int, index: int) -> tuple[int, int]:
+        return (int(position) // self.n, int(index))
+
+
+class _EvalElement:
+    def __init__(self, prepare: _Prepare, n: int):
+        self.prepare = prepare
+        self.n = n
+
+    def __call__(self, k: int) -> dict[str, np.ndarray]:
+        if k < self.n:
+            out = self.prepare.example(int(k))
+            out["valid"] = np.float32(1.0)
+            return out
+        s, g = self.prepare.image_size, self.prepare.grid_hw
+        out = {
+            "image": np.zeros((s, s, 3), np.float32),
+            "teacher": np.zeros((g[0] * g[1],), np.float32),
+            "teacher_mask": np.float32(0.0),
+            "label": np.int32(0),
+            "valid": np.float32(0.0),
+        }
+        if self.prepare.return_index:
+            out["index"] = np.int64(-1)
+        return out
+
+
+# --------------------------------------------------------------------------- iterators
+
+
+def _grid(data_cfg: Any, patch_size: int) -> tuple[int, int]:
+    size = int(data_cfg.image_size)
+    if size <= 0 or patch_size <= 0 or size % patch_size:
+        raise ValueError(f"config.data.image_size={size} is not a positive multiple of the patch size {patch_size}")
+    return (size // patch_size, size // patch_size)
+
+
+def _local_batch(global_batch_size: int, process_index: int, process_count: int, key: str) -> int:
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} must lie in [0, process_count={process_count})")
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(f"config.{key}={global_batch_size} must be a positive multiple of the {process_count} processes")
+    return global_batch_size // process_count
+
+
+def _options(data_cfg: Any, *, train: bool) -> dict[str, Any]:
+    raw = _get(data_cfg, "options", None)
+    opts = dict(raw.to_dict() if hasattr(raw, "to_dict") else (raw or {}))
+    ratio = float(_get(data_cfg, "data_ratio", 1.0))
+    if ratio != 1.0 and float(opts.get("data_ratio", 1.0)) not in (1.0, ratio):
+        raise ValueError(
+            f"config.data.data_ratio={ratio} and config.data.options.data_ratio={opts['data_ratio']} disagree"
+        )
+    if train:
+        if ratio != 1.0:
+            opts["data_ratio"] = ratio
+    else:  # evaluation always sees the whole split
+        opts.pop("data_ratio", None)
+        opts.pop("subset_seed", None)
+    return opts
+
+
+def _finish(ds: grain.MapDataset, data_cfg: Any) -> grain.IterDataset:
+    read = grain.ReadOptions(
+        num_threads=int(_get(data_cfg, "num_threads", DEFAULT_NUM_THREADS)),
+        prefetch_buffer_size=int(_get(data_cfg, "prefetch", DEFAULT_PREFETCH)),
+    )
+    it = ds.to_iter_dataset(read)
+    workers = int(_get(data_cfg, "num_workers", 0))
+    if workers < 0:
+        raise ValueError(f"config.data.num_workers={workers} must be >= 0")
+    if workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside absl.app
+            flags.FLAGS.mark_as_parsed()  # (tests, scripts) their defaults apply
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return it
+
+
+def make_train_iterator(
+    data_cfg: Any,
+    teacher_cfg: Any,
+    *,
+    global_batch_size: int,
+    patch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    store: Any = None,
+    return_index: bool = False,
+) -> grain.DatasetIterator:
+    """The endless, checkpointable train iterator (see the module docstring).
+
+    `store` (a TeacherStore-like object) overrides `teacher_cfg.store`.
+    """
+    b = _local_batch(global_batch_size, process_index, process_count, "batch_size")
+    grid = _grid(data_cfg, patch_size)
+    source = get_source(data_cfg.source, data_cfg.train_split, _options(data_cfg, train=True))
+    n = len(source)
+    if n == 0:
+        raise ValueError(f"data source {data_cfg.source}/{data_cfg.train_split} is empty")
+    lookup = build_teacher_lookup(teacher_cfg, data_cfg.source, data_cfg.train_split, store=store, source=source)
+    prepare = _Prepare(
+        source,
+        lookup,
+        image_size=data_cfg.image_size,
+        grid_hw=grid,
+        mean=data_cfg.mean,
+        std=data_cfg.std,
+        augment=Augment.from_config(data_cfg.augment),
+        seed=seed,
+        return_index=return_index,
+    )
+    ds = grain.MapDataset.range(n).shuffle(seed=int(seed) % 2**32).repeat()
+    ds = ds.map_with_index(_EpochIndex(n))
+    ds = ds[process_index::process_count]
+    ds = ds.map(_TrainElement(prepare)).batch(b, drop_remainder=True)
+    return iter(_finish(ds, data_cfg))
+
+
+def make_eval_iterator(
+    data_cfg: Any,
+    teacher_cfg: Any,
+    split: str,
+    *,
+    global_batch_size: int,
+    patch_size: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    store: Any = None,
+    return_index: bool = False,
+) -> grain.IterDataset:
+    """One pass over `split`: every example once over all processes, padded last batch.
+
+    The result is re-iterable; each `iter()` starts a fresh pass of
+    `num_eval_batches(len(split), global_batch_size)` batches on every process.
+    """
+    b = _local_batch(global_batch_size, process_index, process_count, "eval_batch_size")
+    grid = _grid(data_cfg, patch_size)
+    source = get_source(data_cfg.source, split, _options(data_cfg, train=False))
+    n = len(source)
+    lookup = build_teacher_lookup(teacher_cfg, data_cfg.source, split, store=store, source=source)
+    prepare = _Prepare(
+        source,
+        lookup,
+        image_size=data_cfg.image_size,
+        grid_hw=grid,
+        mean=data_cfg.mean,
+        std=data_cfg.std,
+        augment=None,
+        seed=0,
+        return_index=return_index,
+    )
+    total = math.ceil(n / global_batch_size) * global_batch_size
+    ds = grain.MapDataset.range(total)[process_index::process_count]
+    ds = ds.map(_EvalElement(prepare, n)).batch(b, drop_remainder=False)
+    return _finish(ds, data_cfg)
+
+
+def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
+    return math.ceil(num_examples / global_batch_size)
+
+
+def example_grid(data_cfg: Any, patch_size: int) -> tuple[int, int]:
+    """The student's patch grid (gh, gw) for `data_cfg.image_size`."""
+    return _grid(data_cfg, patch_size)
+
+
+__all__ = [
+    "TeacherLookup",
+    "build_teacher_lookup",
+    "example_grid",
+    "make_eval_iterator",
+    "make_train_iterator",
+    "num_eval_batches",
+]
