@@ -300,3 +300,125 @@ def test_bad_model_dirs(tiny, tmp_path):
         LlavaTeacher(str(other), device="cpu")
     with pytest.raises(ValueError, match="--layers"):
         LlavaTeacher(tiny, layers="5", device="cpu")
+
+
+# --------------------------------------------------------------------------- export + store
+
+
+def _image_folder(root, sizes=((20, 40), (32, 32), (50, 30), (17, 23), (40, 24))):
+    rng = np.random.default_rng(1)
+    for k, (h, w) in enumerate(sizes):
+        d = root / ("cat" if k % 2 == 0 else "red_fox")
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(d / f"im{k}.png")
+    return root
+
+
+def _maps(store):
+    return {eid: store[eid] for eid in store.ids()}
+
+
+def test_cli_end_to_end(tiny, teacher, tmp_path):
+    """The CLI in a subprocess, over an image folder; the store equals the in-process maps."""
+    from lfi_jax.data.sources import get_source
+    from lfi_jax.teacher.store import TeacherStore
+
+    data = _image_folder(tmp_path / "imgs")
+    out = tmp_path / "store"
+    cmd = [sys.executable, "-m", "lfi_jax.teacher.export", "--teacher=llava", f"--model={tiny}",
+           f"--data=imagefolder:{data}", "--split=train", f"--out={out}", "--shard_size=2",
+           "--device=cpu", "--batch_size=2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["complete"] and summary["count"] == 5 and summary["grid"] == [4, 4]
+    assert "img/s" in r.stderr and "ETA" in r.stderr
+    store = TeacherStore(str(out))
+    m = store.manifest
+    assert m["teacher"]["model"] == tiny and m["teacher"]["grid"] == [4, 4] and m["teacher"]["image_tokens"] == 16
+    assert m["teacher"]["prompt"] == conv.CLASSIFY_PROMPT and m["teacher"]["layers"] == [0, 1]
+    assert m["split"] == "train" and m["degenerate_count"] == 0
+    src = get_source(f"imagefolder:{data}", "train")
+    for i in range(len(src)):
+        ex = src[i]
+        (want,) = teacher.maps([ex["image"]], [src.class_names[ex["label"]]])
+        got = store[ex["id"]]
+        np.testing.assert_allclose(got.map, want.map, atol=1e-6)
+        assert got.geometry == want.geometry
+
+    # show draws it (Fig. 5 style), the data source read from the manifest.
+    png = tmp_path / "grid.png"
+    from lfi_jax.teacher import show
+
+    assert show.main(["--store", str(out), "--n", "4", "--out", str(png), "--pairs"]) == 0
+    assert Image.open(png).size[0] > 100
+
+
+def test_cli_unreadable_image(tiny, tmp_path, capsys):
+    from lfi_jax.teacher import export
+
+    data = _image_folder(tmp_path / "imgs", sizes=((20, 40),))
+    (data / "cat" / "broken.png").write_bytes(b"not an image")
+    rc = export.main(["--teacher=llava", f"--model={tiny}", f"--data=imagefolder:{data}",
+                      f"--out={tmp_path / 'store'}", "--device=cpu"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "example cat/broken.png" in err and "cannot decode" in err
+
+
+def test_shards_resume_and_other_model(tiny, tmp_path, monkeypatch):
+    from lfi_jax.data.sources import get_source
+    from lfi_jax.teacher import llava
+    from lfi_jax.teacher.export import export_store
+
+    src = get_source(f"imagefolder:{_image_folder(tmp_path / 'imgs')}", "train")
+    opts = dict(model=tiny, device="cpu", batch_size=2)
+    full = export_store(src, str(tmp_path / "full"), "llava", shard_size=2, progress=False, **opts)
+    # --shard 0/2 and 1/2 into one directory: the union is the whole store.
+    assert export_store(src, str(tmp_path / "parts"), "llava", shard_size=2, shard="0/2", progress=False, **opts) is None
+    parts = export_store(src, str(tmp_path / "parts"), "llava", shard_size=2, shard="1/2", progress=False, **opts)
+    assert parts.manifest["content_hash"] == full.manifest["content_hash"]
+    # A killed export (dies in its second shard) resumes to the same store.
+    real, calls = llava.export_backend, []
+
+    def dies_on_second(source, indices, options):
+        calls.append(list(indices))
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(source, indices, options)
+
+    monkeypatch.setattr(llava, "export_backend", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        export_store(src, str(tmp_path / "resumed"), "llava", shard_size=2, progress=False, **opts)
+    monkeypatch.setattr(llava, "export_backend", real)
+    resumed = export_store(src, str(tmp_path / "resumed"), "llava", shard_size=2, progress=False, **opts)
+    assert resumed.manifest["content_hash"] == full.manifest["content_hash"]
+    for eid in full.ids():
+        np.testing.assert_array_equal(resumed[eid].map, full[eid].map)
+    # The same directory with another model is refused, naming the difference.
+    other = tmp_path / "other_model"
+    shutil.copytree(tiny, other)
+    with pytest.raises(ValueError, match="teacher.model"):
+        export_store(src, str(tmp_path / "full"), "llava", shard_size=2, progress=False, **(opts | {"model": str(other)}))
+
+
+def test_dense_export_and_show_oracle(tiny, tmp_path):
+    """Dense maps through the export over a source with boxes; show works on an oracle store."""
+    from lfi_jax.data.sources import get_source
+    from lfi_jax.teacher import show
+    from lfi_jax.teacher.export import export_store
+
+    src = get_source("shortcut_digits", "train", {"num_train": 4})
+    store = export_store(src, str(tmp_path / "dense"), "llava", shard_size=4, progress=False,
+                         model=tiny, device="cpu", task="dense", box_width=2, data_options={"num_train": 4})
+    t = LlavaTeacher(tiny, task="dense", box_width=2, device="cpu")
+    ex = src[1]
+    (want,) = t.maps([ex["image"]], [src.class_names[ex["label"]]], [ex["boxes"]])
+    np.testing.assert_allclose(store[ex["id"]].map, want.map, atol=1e-6)
+    assert store.manifest["teacher"]["task"] == "dense" and store.manifest["teacher"]["box_width"] == 2
+    oracle = export_store(src, str(tmp_path / "oracle"), "oracle", shard_size=4, progress=False,
+                          data_options={"num_train": 4}, grid=6, geometry="pad")
+    for st in (store, oracle):
+        png = tmp_path / f"{st.manifest['backend']}.png"
+        assert show.main(["--store", st.path, "--n", "3", "--out", str(png)]) == 0
+        assert Image.open(png).size[0] > 100
