@@ -71,70 +71,82 @@ def _train_tokenizer(vocab_size: int):
     return fast
 
 
-def build_tiny_llava(
-    path: str | os.PathLike,
+# Sizes of a LLaVA-1.5 7B (CLIP ViT-L/14 at 336 px + a Llama-2 7B language model).
+LLAVA15_7B = dict(
+    image_size=336, patch_size=14, hidden=4096, layers=32, heads=32, kv_heads=32, intermediate=11008,
+    vision_hidden=1024, vision_layers=24, vision_heads=16, vision_intermediate=4096, vocab_size=32064,
+    max_positions=4096,
+)
+# A CPU-sized model with LLaVA-1.5's 24x24 grid (576 image tokens), for memory measurements.
+LLAVA_SMALL = dict(
+    image_size=336, patch_size=14, hidden=256, layers=4, heads=8, kv_heads=8, intermediate=512,
+    vision_hidden=64, vision_layers=2, vision_heads=4, vision_intermediate=128,
+)
+
+
+def make_tokenizer():
+    """The in-process byte-level BPE tokenizer with an `<image>` token (left padding)."""
+    return _train_tokenizer(vocab_size=420)
+
+
+def llava_config(
+    tokenizer,
     *,
     image_size: int = 32,
     patch_size: int = 8,
     hidden: int = 32,
     layers: int = 2,
     heads: int = 4,
-    do_pad: bool = True,
+    kv_heads: int | None = None,
+    intermediate: int | None = None,
+    vision_hidden: int | None = None,
+    vision_layers: int = 2,
+    vision_heads: int | None = None,
+    vision_intermediate: int | None = None,
+    vocab_size: int | None = None,
+    max_positions: int = 1024,
     select_strategy: str = "default",
-    seed: int = 0,
-) -> str:
-    """Writes a tiny LLaVA checkpoint (model, tokenizer, processor) to `path`; returns it."""
-    import torch
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
+):
+    """A LlavaConfig (CLIP vision tower, Llama language model) of the given sizes."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    path = os.fspath(path)
-    tokenizer = _train_tokenizer(vocab_size=420)
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    vision_hidden = vision_hidden or hidden
     vision = CLIPVisionConfig(
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=heads,
+        hidden_size=vision_hidden,
+        intermediate_size=vision_intermediate or 2 * vision_hidden,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads or heads,
         image_size=image_size,
         patch_size=patch_size,
-        projection_dim=hidden,
+        projection_dim=vision_hidden,
     )
     text = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=max(vocab_size or 0, len(tokenizer)),
         hidden_size=hidden,
-        intermediate_size=2 * hidden,
+        intermediate_size=intermediate or 2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=heads // 2,  # grouped-query, so repeat_kv is exercised
-        max_position_embeddings=512,
+        num_key_value_heads=kv_heads or heads,
+        max_position_embeddings=max_positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    config = LlavaConfig(
+    return LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_id=image_token_id,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2,
         vision_feature_select_strategy=select_strategy,
         projector_hidden_act="gelu",
     )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    # Random init gives near-uniform attention; sharpen the language model a little so maps
-    # carry structure (and a wrong span or a wrong column shows up in the comparison).
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "language_model" in name and ("q_proj" in name or "k_proj" in name):
-                p.mul_(8.0)
-    model.save_pretrained(path)
+
+
+def save_processor(path, tokenizer, *, image_size: int, patch_size: int, do_pad: bool = True,
+                   select_strategy: str = "default") -> None:
+    """Writes a LlavaProcessor (PIL image processor, the tokenizer, the llava-1.5 template)."""
+    from transformers import LlavaProcessor
+    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
     image_processor = LlavaImageProcessorPil(
         size={"shortest_edge": image_size},
@@ -150,5 +162,44 @@ def build_tiny_llava(
         chat_template=LLAVA_15_CHAT_TEMPLATE,
         num_additional_image_tokens=1,
     )
-    processor.save_pretrained(path)
+    processor.save_pretrained(os.fspath(path))
+
+
+def build_tiny_llava(
+    path: str | os.PathLike,
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    hidden: int = 32,
+    layers: int = 2,
+    heads: int = 4,
+    do_pad: bool = True,
+    select_strategy: str = "default",
+    seed: int = 0,
+    sharpen: float = 8.0,
+    **sizes,
+) -> str:
+    """Writes a small random LLaVA checkpoint (model, tokenizer, processor) to `path`.
+
+    Defaults: hidden 32, 2 layers, 4 heads (2 key/value heads), 32 px images in 8 px patches.
+    """
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    path = os.fspath(path)
+    tokenizer = make_tokenizer()
+    sizes.setdefault("kv_heads", max(1, heads // 2))  # grouped-query: repeat_kv is exercised
+    config = llava_config(tokenizer, image_size=image_size, patch_size=patch_size, hidden=hidden,
+                          layers=layers, heads=heads, select_strategy=select_strategy, **sizes)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    # Random init gives near-uniform attention; sharpen the language model a little so maps
+    # carry structure (and a wrong span or a wrong column shows up in the comparison).
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "language_model" in name and ("q_proj" in name or "k_proj" in name):
+                p.mul_(sharpen)
+    model.save_pretrained(path)
+    save_processor(path, tokenizer, image_size=image_size, patch_size=patch_size, do_pad=do_pad,
+                   select_strategy=select_strategy)
     return path

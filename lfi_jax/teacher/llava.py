@@ -8,26 +8,24 @@ boxes drawn on the image. One forward pass per batch; the language model runs ea
 and a forward hook on every selected decoder layer's self-attention reduces its (B, H, S, S)
 weights at once to (spans x image tokens), averaged over heads and span tokens, so memory does
 not grow with the number of layers. C_span is the average over the selected layers;
-C_vlm = relu(C_fore - C_back) / ||.||_1 (or the object sum), on the vision grid, with the
-geometry the processor actually used (pad / resize / crop).
+C_vlm = relu(C_fore - C_back) / ||.||_1 (dense: relu(sum_k C_obj_k - C_back) / ||.||_1), on the
+vision grid, with the geometry the processor actually used (pad / resize / crop).
 
-torch and transformers are imported only here (and in the other llava_* modules' callers).
+torch and transformers are imported lazily, only by this module; llava_conv (text, geometry,
+Eq. 11/12) and llava_export (the export backend) are torch-free.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import sys
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from lfi_jax.teacher import llava_conv as conv
-from lfi_jax.teacher.types import Geometry, TeacherEntry
+from lfi_jax.teacher.types import TeacherEntry
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -139,7 +137,11 @@ class LlavaTeacher:
         box_color: str | Sequence[int] = "red",
         box_width: int = 0,
         batch_size: int = 8,
+        model=None,
     ):
+        """`model`: an already built LlavaForConditionalGeneration (eager attention in its
+        language model) to use instead of loading weights from `model_path`; the processor
+        and config still come from `model_path` (benchmarks with random weights use this)."""
         torch, transformers = _torch()
         self.model_path, self.revision = str(model_path), revision
         self.task = task
@@ -163,7 +165,9 @@ class LlavaTeacher:
 
         where = f"model {self.model_path!r}" + (f" (revision {revision})" if revision else "")
         try:
-            config = transformers.AutoConfig.from_pretrained(self.model_path, revision=revision)
+            config = model.config if model is not None else transformers.AutoConfig.from_pretrained(
+                self.model_path, revision=revision
+            )
         except Exception as e:
             raise ValueError(f"{where}: cannot load its config: {type(e).__name__}: {e}") from e
         if getattr(config, "model_type", None) != "llava":
@@ -189,12 +193,16 @@ class LlavaTeacher:
         if processor.tokenizer.pad_token_id is None:
             processor.tokenizer.pad_token = processor.tokenizer.eos_token or processor.tokenizer.unk_token
         self.processor = processor
-        self.model = transformers.LlavaForConditionalGeneration.from_pretrained(
-            self.model_path,
-            revision=revision,
-            dtype=self.torch_dtype,
-            attn_implementation={"text_config": "eager", "vision_config": "sdpa"},
-        ).to(self.device).eval()
+        if model is None:
+            model = transformers.LlavaForConditionalGeneration.from_pretrained(
+                self.model_path,
+                revision=revision,
+                dtype=self.torch_dtype,
+                attn_implementation={"text_config": "eager", "vision_config": "sdpa"},
+            )
+        elif getattr(model.config.text_config, "_attn_implementation", None) != "eager":
+            raise ValueError(f"{where}: the given model's language model must use eager attention")
+        self.model = model.to(self.device).eval()
         self.config = self.model.config
         self.image_token_id = int(self.config.image_token_id)
         strategy = self.config.vision_feature_select_strategy
@@ -322,9 +330,16 @@ class LlavaTeacher:
         return out
 
     def _batch(self, images, names, boxes, ids) -> list[TeacherEntry]:
+        prep = self.prepare(images, names, boxes, ids)
+        return self.entries(prep, self.forward(prep))
+
+    def prepare(self, images, names, boxes=None, ids=None) -> dict[str, Any]:
+        """One batch's model inputs and span/image-token indices (no model forward, except
+        the greedy generation of background words with --background=generate)."""
         torch, _ = _torch()
         from PIL import Image
 
+        ids = list(ids) if ids is not None else [f"image {i}" for i in range(len(images))]
         pil, geoms, objects, prompts = [], [], [], []
         for i, img in enumerate(images):
             where = f"example {ids[i]}"
@@ -409,40 +424,60 @@ class LlavaTeacher:
                     row_idx[i, r] = t
                     row_w[i, p, r] = 1.0 / len(toks)
                     r += 1
+        dev = self.device
+        return {
+            "inputs": {
+                "input_ids": input_ids.to(dev),
+                "pixel_values": enc["pixel_values"].to(dev, self.torch_dtype),
+                "attention_mask": mask.to(dev),
+                "position_ids": (mask.long().cumsum(-1) - 1).clamp(min=0).to(dev),
+            },
+            "row_idx": row_idx.to(dev),
+            "row_w": row_w.to(dev),
+            "img_idx": torch.tensor(img_pos, dtype=torch.long, device=dev),
+            "roles": roles_all,
+            "geometry": geoms,
+            "background": backgrounds,
+            "generated": generated,
+        }
+
+    def forward(self, prep: dict[str, Any], *, capture: bool = True, output_attentions: bool = False):
+        """Runs the model on a prepared batch. capture=True: returns the per-span attention to
+        the image tokens, [B, P, N] float32 numpy, averaged over the selected layers. capture=
+        False runs the same forward with the hooks idle (what a plain forward costs)."""
+        torch, _ = _torch()
         cap = self._capture
-        cap.row_idx, cap.row_w = row_idx.to(self.device), row_w.to(self.device)
-        cap.img_idx = torch.tensor(img_pos, dtype=torch.long, device=self.device)
-        cap.acc = torch.zeros((b, p_max, self.num_image_tokens), dtype=torch.float32, device=self.device)
-        cap.calls = 0
-        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        if capture:
+            b, p_max = prep["row_w"].shape[:2]
+            cap.row_idx, cap.row_w, cap.img_idx = prep["row_idx"], prep["row_w"], prep["img_idx"]
+            cap.acc = torch.zeros((b, p_max, self.num_image_tokens), dtype=torch.float32, device=self.device)
+            cap.calls = 0
         try:
             with torch.inference_mode():
-                self.model.model(
-                    input_ids=input_ids.to(self.device),
-                    pixel_values=enc["pixel_values"].to(self.device, self.torch_dtype),
-                    attention_mask=mask.to(self.device),
-                    position_ids=position_ids.to(self.device),
-                    use_cache=False,
-                )
+                out = self.model.model(**prep["inputs"], use_cache=False, output_attentions=output_attentions)
+            if not capture:
+                return out
             if cap.calls != len(self.layers):
                 raise RuntimeError(f"captured {cap.calls} layers, expected {len(self.layers)}")
-            acc = (cap.acc / len(self.layers)).cpu().numpy()
+            return (cap.acc / len(self.layers)).cpu().numpy()
         finally:
             cap.acc = cap.row_idx = cap.row_w = cap.img_idx = None
 
-        entries = []
-        for i in range(b):
-            span_attn = acc[i, : len(roles_all[i]), self.extra_tokens:]
-            m, degenerate, reason = conv.map_from_spans(span_attn, roles_all[i])
+    def entries(self, prep: dict[str, Any], acc: np.ndarray) -> list[TeacherEntry]:
+        """Eq. 11/12 maps from `forward`'s per-span attention."""
+        out = []
+        for i, roles in enumerate(prep["roles"]):
+            span_attn = acc[i, : len(roles), self.extra_tokens:]
+            m, degenerate, reason = conv.map_from_spans(span_attn, roles)
             meta: dict[str, Any] = {}
             if self.background == "generate":
-                meta["background_words"] = backgrounds[i]
-                if not generated[i]:
+                meta["background_words"] = prep["background"][i]
+                if not prep["generated"][i]:
                     meta["background_fallback"] = True  # generation was empty: fixed words used
             if reason:
                 meta["degenerate_reason"] = reason
-            entries.append(TeacherEntry(m.reshape(self.grid_h, self.grid_w), geoms[i], degenerate, meta))
-        return entries
+            out.append(TeacherEntry(m.reshape(self.grid_h, self.grid_w), prep["geometry"][i], degenerate, meta))
+        return out
 
     def close(self) -> None:
         for h in self._handles:
@@ -450,127 +485,12 @@ class LlavaTeacher:
         self._handles = []
 
 
-# --------------------------------------------------------------------------- export backend
+# The export registry's entry points (python -m lfi_jax.teacher.export --teacher=llava).
+from lfi_jax.teacher.llava_export import (  # noqa: E402
+    TEACHER_OPTIONS,
+    export_backend,
+    provenance,
+    teacher_from_options,
+)
 
-TEACHER_OPTIONS = {
-    # option name: (default, help)
-    "model": ("llava-hf/llava-1.5-7b-hf", "hub id or local directory of a LLaVA-1.5-style checkpoint"),
-    "revision": (None, "hub revision (branch, tag or commit)"),
-    "dtype": ("auto", "auto | float32 | float16 | bfloat16 (auto: bf16 on GPU, fp32 on CPU)"),
-    "device": ("auto", "auto | cpu | cuda | cuda:<i>"),
-    "layers": ("all", "language-model layers to average: all | 0,5 | 16:32"),
-    "task": ("classify", "classify (Eq. 11) | dense (Eq. 12, boxes drawn on the image)"),
-    "prompt": (None, "prompt template (default per task; dense uses {tgt_obj})"),
-    "response_template": (None, "response template (default per task)"),
-    "background": ("fixed", "fixed | generate (greedy background words from the VLM)"),
-    "background_words": (conv.DEFAULT_BACKGROUND_WORDS, "background words for --background=fixed"),
-    "background_max_tokens": (8, "max new tokens for --background=generate"),
-    "box_color": ("red", "dense: box colour (name, #rrggbb, r,g,b)"),
-    "box_width": (0, "dense: box line width in pixels (0: 1% of the long side)"),
-    "batch_size": (8, "images per forward pass"),
-}
-
-_CACHE: dict[str, LlavaTeacher] = {}
-
-
-def _opt(options, key: str, default=None):
-    if options is None:
-        return default
-    for k in (key, key.replace("_", "-")):
-        if isinstance(options, Mapping):
-            if k in options and options[k] is not None:
-                return options[k]
-        elif getattr(options, k, None) is not None:
-            return getattr(options, k)
-    return default
-
-
-def teacher_from_options(options) -> LlavaTeacher:
-    """The LlavaTeacher for these export options (loaded once per process and reused)."""
-    kwargs = {k: _opt(options, k, d) for k, (d, _) in TEACHER_OPTIONS.items()}
-    key = json.dumps(kwargs, sort_keys=True, default=str)
-    if key not in _CACHE:
-        for old in _CACHE.values():
-            old.close()
-        _CACHE.clear()
-        model = kwargs.pop("model")
-        _CACHE[key] = LlavaTeacher(model, **kwargs)
-    return _CACHE[key]
-
-
-def provenance(options) -> dict[str, Any]:
-    return teacher_from_options(options).provenance()
-
-
-def _class_names_for(source, ex: dict, teacher: LlavaTeacher, where: str):
-    names = list(getattr(source, "class_names", None) or [])
-
-    def name_of(label):
-        try:
-            lab = int(label)
-        except (TypeError, ValueError):
-            raise ValueError(f"{where}: label {label!r} is not an integer") from None
-        if not 0 <= lab < len(names) or not str(names[lab]).strip():
-            raise ValueError(
-                f"{where}: no class name for label {lab} (the source has {len(names)} class names)"
-            )
-        return str(names[lab])
-
-    if "label" not in ex:
-        raise ValueError(f"{where}: the example has no label, so no class name for the prompt")
-    if teacher.task == "dense" and ex.get("box_labels") is not None:
-        return [name_of(lab) for lab in np.asarray(ex["box_labels"]).reshape(-1)]
-    return name_of(ex["label"])
-
-
-class _Progress:
-    """A one-line progress bar on stderr with images/s and ETA."""
-
-    def __init__(self, total: int, label: str = "llava"):
-        self.total, self.done, self.label = total, 0, label
-        self.t0 = time.perf_counter()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        dt = max(time.perf_counter() - self.t0, 1e-9)
-        rate = self.done / dt
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        width = 30
-        fill = int(width * self.done / max(self.total, 1))
-        sys.stderr.write(
-            f"\r{self.label} [{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} "
-            f"{rate:.2f} img/s ETA {eta:.0f}s"
-        )
-        if self.done >= self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
-def export_backend(source, indices: Sequence[int], options) -> list[tuple[str, TeacherEntry]]:
-    """The export registry's `llava` backend: (source, indices, options) -> [(id, entry)]."""
-    teacher = teacher_from_options(options)
-    out: list[tuple[str, TeacherEntry]] = []
-    indices = list(indices)
-    progress = _Progress(len(indices)) if _opt(options, "progress", True) else None
-    for s in range(0, len(indices), teacher.batch_size):
-        chunk = indices[s : s + teacher.batch_size]
-        ids, images, names, boxes = [], [], [], []
-        for i in chunk:
-            try:
-                eid = source.example_id(i)
-            except Exception as e:
-                raise ValueError(f"{getattr(source, 'name', 'source')}: index {i}: {e}") from e
-            where = f"{getattr(source, 'name', 'source')}/{getattr(source, 'split', '?')} example {eid}"
-            try:
-                ex = source[i]
-            except Exception as e:
-                raise ValueError(f"{where}: cannot read the example: {type(e).__name__}: {e}") from e
-            ids.append(eid)
-            images.append(ex["image"])
-            names.append(_class_names_for(source, ex, teacher, where))
-            boxes.append(ex.get("boxes"))
-        entries = teacher.maps(images, names, boxes if teacher.task == "dense" else None, ids=ids)
-        out.extend(zip(ids, entries))
-        if progress:
-            progress.update(len(chunk))
-    return out
+__all__ = ["LlavaTeacher", "TEACHER_OPTIONS", "export_backend", "provenance", "teacher_from_options"]

@@ -57,7 +57,7 @@ def check_templates(task: str, prompt: str, response: str) -> None:
             raise ValueError(
                 f"{option} {template!r} for task {task!r} must use each of "
                 f"{sorted(_REQUIRED_FIELDS[(task, kind)]) or 'no'} field(s) exactly once"
-                + (f" (optional: tgt_obj)" if kind == "prompt" and task == "classify" else "")
+                + (" (optional: tgt_obj)" if kind == "prompt" and task == "classify" else "")
                 + (f"; missing {sorted(missing)}" if missing else "")
                 + (f"; unknown {sorted(extra)}" if extra else "")
             )
