@@ -14,6 +14,8 @@ def path_str(path) -> str:
     for p in path:
         key = getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))
         parts.append(str(key))
+    if parts and parts[-1] == "value":  # the leaf inside an nnx Variable
+        parts.pop()
     return "/".join(parts)
 
 
