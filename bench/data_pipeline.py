@@ -6,7 +6,9 @@
 Builds an oracle teacher store (7x7 grid, like the main job's) for the train split in a
 temporary directory, then times `make_train_iterator` after a warm-up (worker start-up is
 not counted). Rows: the bare source (rendering only), the pipeline without a teacher, and the
-pipeline with the teacher joined, for each worker / thread count asked for.
+pipeline with the teacher joined, for each worker / thread count asked for. "examples per
+CPU-second" (in-process rows) divides by this process's CPU time, a figure that holds up
+better than wall-clock rates on a shared machine; the load average is printed alongside.
 """
 
 from __future__ import annotations
@@ -42,28 +44,37 @@ def build_store(path: str, options: dict, grid: int) -> str:
     return path
 
 
-def time_source(options: dict, n: int) -> float:
+def time_source(options: dict, n: int) -> tuple[float, float]:
     src = get_source("shortcut_digits", "train", options)
     src[0]
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for i in range(n):
         src[i % len(src)]
-    return n / (time.perf_counter() - t)
+    return n / (time.perf_counter() - t), n / (time.process_time() - c)
 
 
-def time_iterator(data: ConfigDict, store: str, *, batch: int, batches: int, warmup: int) -> float:
+def time_iterator(data: ConfigDict, store: str, *, batch: int, batches: int, warmup: int) -> tuple[float, float]:
+    """(examples/s wall clock, examples per CPU-second of this process: its threads, not workers)."""
     teacher = ConfigDict(dict(store=store, allow_missing=False))
     it = make_train_iterator(data, teacher, global_batch_size=batch, patch_size=6, seed=0)
     for _ in range(warmup):
         next(it)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for _ in range(batches):
         next(it)
     rate = batches * batch / (time.perf_counter() - t)
+    cpu_rate = batches * batch / (time.process_time() - c)
     close = getattr(it, "close", None)
     if close is not None:
         close()
-    return rate
+    return rate, cpu_rate
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "?"
 
 
 def main(argv=None) -> None:
@@ -77,10 +88,11 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[2])
     args = p.parse_args(argv)
 
+    load0 = _load()
     options = {"num_train": args.num_train}
     data = base_config().data
     data.options = ConfigDict(options)
-    rows = [("source only (render, 1 thread)", "-", "-", time_source(options, 2000))]
+    rows = [("source only (render, 1 thread)", "-", "-", *time_source(options, 2000))]
     with tempfile.TemporaryDirectory() as tmp:
         print("building the oracle teacher store ...", file=sys.stderr, flush=True)
         store = build_store(os.path.join(tmp, "teacher"), options, args.grid)
@@ -92,20 +104,22 @@ def main(argv=None) -> None:
                     d.num_threads = threads
                     label = "pipeline + teacher" if with_teacher else "pipeline, no teacher"
                     print(f"timing {label}, workers={workers}, threads={threads} ...", file=sys.stderr, flush=True)
-                    rate = time_iterator(
+                    rate, cpu_rate = time_iterator(
                         d, store if with_teacher else "", batch=args.batch, batches=args.batches, warmup=args.warmup
                     )
-                    rows.append((label, str(workers), str(threads), rate))
+                    rows.append((label, str(workers), str(threads), rate, cpu_rate if workers == 0 else None))
 
     print(
         f"\nshortcut digits, 48 px, batch {args.batch}, augment: random resized crop; "
         f"teacher: oracle {args.grid}x{args.grid} -> 8x8; {os.cpu_count()} CPUs ({platform.processor() or platform.machine()})\n"
     )
-    print("| configuration | workers | threads | examples/s | ms / batch |")
-    print("|---|---|---|---|---|")
-    for label, workers, threads, rate in rows:
+    print(f"load average before / after: {load0} / {_load()}\n")
+    print("| configuration | workers | threads | examples/s (wall) | ms / batch | examples per CPU-second |")
+    print("|---|---|---|---|---|---|")
+    for label, workers, threads, rate, cpu_rate in rows:
         ms = f"{1000 * args.batch / rate:.1f}" if workers != "-" else "-"
-        print(f"| {label} | {workers} | {threads} | {rate:,.0f} | {ms} |")
+        cpu = f"{cpu_rate:,.0f}" if cpu_rate else "-"
+        print(f"| {label} | {workers} | {threads} | {rate:,.0f} | {ms} | {cpu} |")
 
 
 if __name__ == "__main__":

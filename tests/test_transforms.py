@@ -161,6 +161,17 @@ def test_sample_crop_bounds_scale_and_determinism():
     assert sample_crop(np.random.default_rng(0), (10, 10), (1.0, 1.0), (3.0, 4.0)) == (3, 0, 6, 10)
 
 
+def test_resize_image_matches_pil_bilinear():
+    from PIL import Image
+
+    img = np.random.default_rng(3).integers(0, 256, (40, 36, 3), dtype=np.uint8)
+    for (y0, x0, y1, x1), size in [((0, 0, 40, 36), 48), ((5, 7, 30, 33), 48), ((0, 0, 40, 36), 16), ((3, 2, 39, 35), 24)]:
+        ref = np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR, box=(x0, y0, x1, y1))) / 255.0
+        got = resize_image(img, (y0, x0, y1, x1), size)
+        assert got.shape == (size, size, 3) and got.dtype == np.float32
+        np.testing.assert_allclose(got, ref, atol=1.01 / 255)  # PIL rounds to uint8
+
+
 def test_resize_image_crop_at_unit_scale_is_exact():
     img = np.random.default_rng(0).integers(0, 256, (12, 10, 3), dtype=np.uint8)
     got = resize_image(img, (2, 4, 8, 10), (6, 6))

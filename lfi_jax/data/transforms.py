@@ -10,8 +10,9 @@ area overlap of axis-aligned cells, done separably (one overlap matrix per axis)
   teacher_to_grid  the two composed without the pixel grid: teacher grid -> crop box ->
                    student patch grid (what the pipeline uses; equal to render + pool)
 
-The image takes the same crop box through PIL (`resize(..., box=crop)`, bilinear with
-antialiasing), so image and map never drift apart. A horizontal flip reverses the columns of
+The image takes the same crop box through separable bilinear resampling (antialiased when
+shrinking, like PIL's BILINEAR) with the same edge-aligned geometry, so image and map never
+drift apart. A horizontal flip reverses the columns of
 both. All randomness comes from an explicit numpy Generator.
 """
 
@@ -199,20 +200,41 @@ def sample_crop(
     return (y, x, y + ch, x + cw)
 
 
-def resize_image(image: np.ndarray, box: Sequence[float] | None, size: int | Sequence[int]) -> np.ndarray:
-    """Crop `box` = (y0, x0, y1, x1) of a uint8 [H, W, 3] image and resize it (bilinear,
-    antialiased) to `size`; returns float32 [S, S, 3] in [0, 1]."""
-    from PIL import Image
+@functools.lru_cache(maxsize=16384)
+def resample_matrix(lo: float, hi: float, n_out: int, n_in: int) -> np.ndarray:
+    """[n_out, n_in] weights resampling the interval [lo, hi] of n_in pixels onto n_out.
 
+    Bilinear (triangle filter) on pixel centres; when shrinking, the triangle widens by the
+    scale (antialiasing), as PIL's BILINEAR does. Output pixel o covers [lo + o * s,
+    lo + (o + 1) * s] with s = (hi - lo) / n_out: the same edge-aligned geometry as the
+    teacher's cells. Weights outside the image are dropped and each row renormalised.
+    """
+    scale = (float(hi) - float(lo)) / n_out
+    support = max(scale, 1.0)
+    centre = float(lo) + (np.arange(n_out) + 0.5) * scale
+    src = np.arange(n_in) + 0.5
+    w = np.maximum(0.0, 1.0 - np.abs(src[None, :] - centre[:, None]) / support)
+    total = w.sum(1, keepdims=True)
+    if not (total > 0).all():
+        raise ValueError(f"resample: box [{lo}, {hi}] lies outside the {n_in} pixels")
+    out = (w / total).astype(np.float32)
+    out.flags.writeable = False
+    return out
+
+
+def resize_image(image: np.ndarray, box: Sequence[float] | None, size: int | Sequence[int]) -> np.ndarray:
+    """Crop `box` = (y0, x0, y1, x1) of a uint8 [H, W, C] image and resize it (bilinear,
+    antialiased, separable; see `resample_matrix`) to `size`; float32 [S, S, C] in [0, 1]."""
     oh, ow = (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
-    h, w = image.shape[:2]
+    h, w, c = image.shape
     y0, x0, y1, x1 = (0, 0, h, w) if box is None else box
-    if (h, w) == (oh, ow) and (y0, x0, y1, x1) == (0, 0, h, w):
-        out = np.asarray(image, np.uint8)
-    else:
-        pil = Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8))
-        out = np.asarray(pil.resize((ow, oh), Image.BILINEAR, box=(float(x0), float(y0), float(x1), float(y1))))
-    return out.astype(np.float32) * (1.0 / 255.0)
+    img = np.asarray(image, np.float32) * np.float32(1.0 / 255.0)
+    if (oh, ow) == (h, w) and tuple(float(b) for b in (y0, x0, y1, x1)) == (0.0, 0.0, float(h), float(w)):
+        return img
+    ry = resample_matrix(float(y0), float(y1), oh, h)
+    rx = resample_matrix(float(x0), float(x1), ow, w)
+    rows = (ry @ img.reshape(h, w * c)).reshape(oh, w, c).transpose(1, 0, 2).reshape(w, oh * c)
+    return (rx @ rows).reshape(ow, oh, c).transpose(1, 0, 2)  # two BLAS calls, no batched matmul
 
 
 # --------------------------------------------------------------------------- one example
@@ -293,6 +315,7 @@ __all__ = [
     "area_pool",
     "overlap_matrix",
     "render_teacher",
+    "resample_matrix",
     "resize_image",
     "sample_crop",
     "teacher_to_grid",
