@@ -29,6 +29,16 @@ from tiny_llava import build_tiny_llava  # noqa: E402
 BG = "the surrounding scene"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    # These models are tiny: one intra-op thread is fastest, and on a busy machine a thread
+    # pool spinning for cores it does not get is 10-40x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return build_tiny_llava(tmp_path_factory.mktemp("llava") / "tiny")
@@ -328,7 +338,8 @@ def test_cli_end_to_end(tiny, teacher, tmp_path):
     cmd = [sys.executable, "-m", "lfi_jax.teacher.export", "--teacher=llava", f"--model={tiny}",
            f"--data=imagefolder:{data}", "--split=train", f"--out={out}", "--shard_size=2",
            "--device=cpu", "--batch_size=2"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["complete"] and summary["count"] == 5 and summary["grid"] == [4, 4]
