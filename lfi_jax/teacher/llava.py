@@ -143,7 +143,11 @@ class LlavaTeacher:
         language model) to use instead of loading weights from `model_path`; the processor
         and config still come from `model_path` (benchmarks with random weights use this)."""
         torch, transformers = _torch()
-        self.model_path, self.revision = str(model_path), revision
+        model_path = str(model_path)
+        # A local directory is recorded by its absolute path (a resume from another working
+        # directory is the same export); anything else is a hub id.
+        self.model_path = os.path.abspath(model_path) if os.path.isdir(model_path) else model_path
+        self.revision = revision
         self.task = task
         self.prompt = prompt if prompt is not None else (conv.CLASSIFY_PROMPT if task == "classify" else conv.DENSE_PROMPT)
         default_response = conv.CLASSIFY_RESPONSE if task == "classify" else conv.DENSE_RESPONSE
