@@ -226,3 +226,24 @@ def test_kernels_lower_for_accelerators(platform, backend, marker, kind):
         assert text.count(marker) >= calls, (fn.__name__, text.count(marker))
         if platform == "cuda":
             assert "mosaic_gpu" not in text  # the Triton lowering, not Mosaic GPU
+
+
+def test_bench_rewrites_only_its_block(tmp_path):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "attention.py"
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    doc = tmp_path / "performance.md"
+    bench.write_section(str(doc), "table one")
+    text = doc.read_text()
+    assert "## Interaction attention" in text and "table one" in text
+    doc.write_text(text.replace("## Interaction attention\n", "## Interaction attention\n\nProse.\n")
+                   + "\n## Training\n\nOther section.\n")
+    bench.write_section(str(doc), "table two")
+    text = doc.read_text()
+    assert "table one" not in text and "table two" in text
+    assert "Prose." in text and "## Training\n\nOther section." in text
+    assert text.index("Prose.") < text.index("table two") < text.index("## Training")

@@ -54,6 +54,7 @@ the reference the kernels are tested against and a fallback.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Mapping
 
@@ -104,7 +105,7 @@ def _fit_block(name: str, value: int, n: int, backend: str) -> int:
     return min(value, -(-n // align) * align)
 
 
-def _make_config(q, gate, backend, interpret, blocks, bwd_impl) -> tuple[kernels.KernelConfig, str]:
+def _make_config(q, gate, backend: str, interpret: bool, blocks) -> kernels.KernelConfig:
     b, n, h, d = q.shape
     names = ("block_q", "block_k", "block_q_bwd", "block_k_bwd")
     fitted = [_fit_block(nm, bl, n, backend) for nm, bl in zip(names, blocks)]
@@ -119,7 +120,7 @@ def _make_config(q, gate, backend, interpret, blocks, bwd_impl) -> tuple[kernels
         interpret=bool(interpret), backend=backend,
         num_warps=DEFAULT_GPU_WARPS, num_stages=DEFAULT_GPU_STAGES,
     )
-    return cfg, bwd_impl
+    return cfg
 
 
 def interaction_attention_pallas(
@@ -161,7 +162,7 @@ def interaction_attention_pallas(
     defaults = DEFAULT_BLOCKS[backend]
     given = (block_q, block_k, block_q_bwd, block_k_bwd)
     blocks = tuple(d if g is None else int(g) for g, d in zip(given, defaults))
-    cfg, bwd_impl = _make_config(q, gate, backend, interpret, blocks, bwd_impl)
+    cfg = _make_config(q, gate, backend, interpret, blocks)
     gate = None if gate is None else {key: gate[key] for key in gate}
     return _vjp_attention(q, q2, k, v, gate, _Static(cfg, bwd_impl))
 
@@ -193,17 +194,12 @@ def _forward(q, q2, k, v, gate, cfg: kernels.KernelConfig):
     return (_from_kernel(o, n, d).astype(v.dtype), agt[:, :, 0, 0, :n]), (lse, lse2)
 
 
+@dataclasses.dataclass(frozen=True)
 class _Static:
-    """Hashable static config (kernel config + backward choice), a nondiff custom_vjp argument."""
+    """Hashable static configuration: a nondiff argument of the custom VJP."""
 
-    def __init__(self, cfg: kernels.KernelConfig, bwd_impl: str):
-        self.cfg, self.bwd_impl = cfg, bwd_impl
-
-    def __hash__(self):
-        return hash((self.cfg, self.bwd_impl))
-
-    def __eq__(self, other):
-        return isinstance(other, _Static) and (self.cfg, self.bwd_impl) == (other.cfg, other.bwd_impl)
+    cfg: kernels.KernelConfig
+    bwd_impl: str
 
 
 def _fwd_rule(q, q2, k, v, gate, static):
