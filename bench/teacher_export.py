@@ -24,8 +24,10 @@ Two measurements per config:
        output_attentions   eager returning every layer's (B, H, S, S) weights (the naive way)
      On CPU each variant runs in a fresh process (RSS is per process); on CUDA in-process.
      Target: eager+hooks within 10% of eager.
-Prints Markdown tables; unless --no-write they replace the block in the "## Teacher export"
-section of docs/performance.md (other sections untouched).
+On CPU torch runs --threads (default 1) intra-op threads: on a busy machine a thread pool
+spinning for cores it does not get is many times slower. Prints Markdown tables; unless
+--no-write they replace the block in the "## Teacher export" section of docs/performance.md
+(other sections untouched).
 """
 
 from __future__ import annotations
@@ -261,6 +263,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (default: 1 on CPU, where a busy machine makes a thread pool "
                         "spin; torch's default on GPU)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs per forward variant (the median is reported; CPU RSS is noisy)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--no-write", action="store_true", help="print only; leave docs/performance.md alone")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -291,9 +295,11 @@ def main(argv=None) -> int:
             export_rows.append(e)
             print(json.dumps(e), flush=True)
             for variant in args.variants:
-                if dev.type == "cuda":
-                    r = measure_forward(teacher, config, variant)
-                else:
+                runs = []
+                for _ in range(max(1, args.repeats)):
+                    if dev.type == "cuda":
+                        runs.append(measure_forward(teacher, config, variant))
+                        continue
                     cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--child-config", config,
                            "--model-dir", path, "--device", str(dev), "--dtype", dt_name,
                            "--threads", str(threads)]
@@ -301,8 +307,11 @@ def main(argv=None) -> int:
                     if res.returncode:
                         sys.stderr.write(res.stderr)
                         return res.returncode
-                    r = json.loads(res.stdout.strip().splitlines()[-1])
-                r.update(config=config, device=str(dev), dtype=dt_name)
+                    runs.append(json.loads(res.stdout.strip().splitlines()[-1]))
+                r = dict(runs[0])
+                for k in ("added_mb", "seconds"):
+                    r[k] = float(np.median([x[k] for x in runs]))
+                r.update(config=config, device=str(dev), dtype=dt_name, repeats=len(runs))
                 forward_rows.append(r)
                 print(json.dumps(r), flush=True)
             teacher.close()
@@ -329,7 +338,8 @@ def main(argv=None) -> int:
     lines += [
         "",
         "One forward at batch 8: memory it adds on top of what is resident before it "
-        "(CUDA: allocator peak; CPU: sampled RSS, a fresh process per row), and its time when repeated:",
+        "(CUDA: allocator peak; CPU: sampled RSS, a fresh process per run), and its time when repeated "
+        f"(median of {max(1, args.repeats)} run(s)):",
         "",
         "| config | variant | seq | added memory | vs eager | time |",
         "|---|---|---|---|---|---|",
