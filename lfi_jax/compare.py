@@ -18,7 +18,8 @@ difference is above `--tol` (default 1e-4, for float32), else 0.
 The I-ViT without --hf has every parameter drawn at random (seeded), with gates far from
 their initialisation, so no term is trivially zero. With --hf the I-ViT starts from the
 checkpoint with the pretrained initialisation (Wq' = Wq, gate bias [-4, +4]) and then its
-new parameters (interaction queries, gates, a zero head) are perturbed at random.
+new parameters (interaction queries, gates, a zero head) are perturbed at random; an I-ViT
+checkpoint (written by `lfi_jax.models.convert.save_hf`) is compared as it is.
 `--perturb` adds noise to one weight of the PyTorch side only (a check that the check fails).
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -128,7 +130,10 @@ def jax_side(model, inputs, *, align_weight: float = 1.0) -> dict[str, Any]:
             loss = loss + align_weight * alignment_loss(cls_attn, jnp.asarray(inputs["teacher"]))
         return loss, (logits, cls_attn)
 
-    (loss, (logits, cls_attn)), grads = jax.jit(nnx.value_and_grad(loss_fn, has_aux=True))(model)
+    # A parity check runs once: on CPU, skip LLVM's optimisations (compiles ~3x faster).
+    opts = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+    step = jax.jit(nnx.value_and_grad(loss_fn, has_aux=True), compiler_options=opts)
+    (loss, (logits, cls_attn)), grads = step(model)
     flat = {tuple(p): np.asarray(v.get_value()) for p, v in grads.flat_state()}
     return dict(
         logits=np.asarray(logits),
@@ -236,6 +241,16 @@ def _report(mode, diff, scale, tol, extra) -> dict:
 # The two comparisons.
 
 
+def _is_ivit_checkpoint(hf: str) -> bool:
+    from lfi_jax.models.convert import CONFIG_KEY
+
+    path = os.path.join(hf, "config.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        return bool((json.load(f).get(CONFIG_KEY) or {}).get("interaction_queries"))
+
+
 def compare_ivit(cfg=None, *, hf: str | None = None, seed: int = 0, batch: int = 2, tol: float = 1e-4,
                  perturb: bool = False, align_weight: float = 1.0, num_classes: int | None = None,
                  **switches) -> dict:
@@ -256,11 +271,15 @@ def compare_ivit(cfg=None, *, hf: str | None = None, seed: int = 0, batch: int =
     torch.manual_seed(seed)
     if hf is not None:
         runtime = {k: switches.pop(k) for k in ("attn_impl", "interaction_constraint", "align_layers") if k in switches}
-        interaction = switches or True
+        if _is_ivit_checkpoint(hf):  # compared as it is; its own config fixes the architecture
+            interaction, fresh = None, False
+        else:
+            interaction, fresh = (switches or True), True
         model, cfg = load_hf_vit(hf, interaction=interaction, num_classes=num_classes, seed=seed, **runtime)
         if cfg.num_classes == 0:  # a headless checkpoint gets a head, so the loss is the real one
             model, cfg = load_hf_vit(hf, interaction=interaction, num_classes=10, seed=seed, **runtime)
-        randomize(model, seed, only_new=True)
+        if fresh:
+            randomize(model, seed, only_new=True)
     else:
         if cfg is None:
             base = ModelConfig(**{**SMALL, **({} if num_classes is None else {"num_classes": num_classes})})
@@ -319,6 +338,8 @@ def compare_vit(hf: str, *, seed: int = 0, batch: int = 2, tol: float = 1e-4, pe
 
     from lfi_jax.models.convert import load_hf_vit
 
+    if _is_ivit_checkpoint(hf):
+        raise ValueError(f"compare vit: {hf} holds an I-ViT, which transformers cannot run; use `ivit --hf {hf}`")
     model, cfg = load_hf_vit(hf, seed=seed)
     headless = model.classifier is None
     cls = ViTModel if headless else ViTForImageClassification
@@ -362,18 +383,28 @@ def main(argv=None) -> int:
     p.add_argument("--impl", default="xla", help="attention impl of the JAX side (xla, chunked, ...)")
     p.add_argument("--depth", type=int, default=SMALL["depth"], help="ivit without --hf: number of layers")
     args = p.parse_args(argv)
+    if args.mode == "vit" and not args.hf:
+        p.error("vit needs --hf DIR")
+    if args.mode == "ivit" and args.hf and not args.interaction_queries:
+        p.error("ivit --hf builds an I-ViT; --interaction-queries off is only for the random model")
+    try:
+        report = _run(args)
+    except (FileNotFoundError, ValueError) as e:  # includes convert.CheckpointError
+        print(f"compare: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, sort_keys=True))
+    return 0 if report["ok"] else 1
+
+
+def _run(args) -> dict:
     start = time.time()
     if args.mode == "vit":
-        if not args.hf:
-            p.error("vit needs --hf DIR")
         report = compare_vit(args.hf, seed=args.seed, batch=args.batch, tol=args.tol, perturb=args.perturb)
     else:
         switches = dict(interaction_queries=args.interaction_queries, gated_control=args.gated_control,
                         interaction_constraint=args.interaction_constraint, attn_impl=args.impl)
         if args.gate_hidden is not None:
             switches["gate_hidden"] = args.gate_hidden
-        if args.hf and not args.interaction_queries:
-            p.error("ivit --hf builds an I-ViT; --interaction-queries off is only for the random model")
         cfg = None
         if not args.hf:
             from lfi_jax.models import ModelConfig, ivit_config
@@ -384,10 +415,9 @@ def main(argv=None) -> int:
             cfg = ivit_config(ModelConfig(**small), **switches)
             switches = {}
         report = compare_ivit(cfg, hf=args.hf, seed=args.seed, batch=args.batch, tol=args.tol, perturb=args.perturb,
-                              num_classes=args.num_classes, **switches)
+                              num_classes=args.num_classes if args.hf else None, **switches)
     report["seconds"] = round(time.time() - start, 2)
-    print(json.dumps(report, sort_keys=True))
-    return 0 if report["ok"] else 1
+    return report
 
 
 if __name__ == "__main__":

@@ -26,6 +26,16 @@ from lfi_jax.models.flops import macs, xla_flops  # noqa: E402
 D, DEPTH, HEADS, MLP, PATCH, IMAGE, CLASSES = 32, 2, 4, 64, 8, 32, 5
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    # Tiny models: one intra-op thread is fastest, and on a busy machine a thread pool
+    # waiting for cores it does not get is many times slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _hf_model(cls=ViTForImageClassification, *, eps=1e-12, seed=0, **kw):
     """A tiny transformers ViT with random weights at scales that make every term matter."""
     torch.manual_seed(seed)

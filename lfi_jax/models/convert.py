@@ -179,7 +179,7 @@ def hf_config_dict(cfg: ModelConfig, *, id2label: Mapping[int, str] | None = Non
             raise ValueError(f"id2label has {len(labels)} entries, the model has {cfg.num_classes} classes")
         d["id2label"] = {str(int(k)): v for k, v in labels.items()}
         d["label2id"] = {v: int(k) for k, v in labels.items()}
-    if cfg.interaction_queries:
+    if cfg.interaction_queries or cfg.interaction_constraint:
         lfi = {f: getattr(cfg, f) for f in _INTERACTION_FIELDS}
         lfi["gate_bias_init"] = list(cfg.gate_bias_init)
         lfi["align_layers"] = None if cfg.align_layers is None else list(cfg.align_layers)

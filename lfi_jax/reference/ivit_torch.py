@@ -201,7 +201,28 @@ class IViTReference(nn.Module):
             raise ValueError(f"{source}: missing {missing}, unexpected {unexpected}, mis-shaped {misshaped}")
         with torch.no_grad():
             for hub, name in names.items():
-                own[name].copy_(torch.as_tensor(np.asarray(given[hub])))
+                own[name].copy_(torch.from_numpy(np.array(given[hub], dtype=np.float32)))
+
+    def save(self, directory: str) -> None:
+        """Write config.json + model.safetensors (Hub names), as `convert.save_hf` does."""
+        from safetensors.numpy import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        raw = self.config.to_dict()
+        raw.pop(CONFIG_KEY, None)
+        raw["architectures"] = ["ViTModel" if self.headless else "ViTForImageClassification"]
+        if self.lfi:
+            raw[CONFIG_KEY] = self.lfi
+
+        def write_json(path):
+            with open(path, "w") as f:
+                json.dump(raw, f, indent=2, sort_keys=True)
+
+        for name, write in (("model.safetensors", lambda p: save_file(self.hf_state_dict(), p, metadata={"format": "pt"})),
+                            ("config.json", write_json)):
+            tmp = os.path.join(directory, f".{name}.tmp")
+            write(tmp)
+            os.replace(tmp, os.path.join(directory, name))
 
     @classmethod
     def from_pretrained(cls, directory: str) -> "IViTReference":
