@@ -1,15 +1,30 @@
 """Orbax checkpoints holding the train state and the data iterator, together.
 
 One checkpoint = {"state": params, optimizer state, step} + {"data": the grain iterator's
-state, one file per process}. Restores go against the *current* shardings, so a checkpoint
-written on one topology restores onto another (the data iterator state only where the
-process count is unchanged; elsewhere the iterator restarts from its seed, with a warning).
+state, one file per process}. Every process writes its own shards of the state (orbax's
+`ocdbt.process_<i>` folders) and its own iterator file (`data/process_<i>-of-<n>.json`).
+
+Restores go against the *current* shardings (ShapeDtypeStructs carrying the new run's
+NamedShardings), so a checkpoint written on one topology restores onto another: a run on
+2 processes x 4 devices resumes on 1 process with 4 devices, or with 1.
+
+The data iterator: with the same process count each process restores its own file. With
+another process count those files do not exist; the train pipeline's global stream does not
+depend on the process count (`lfi_jax.data.pipeline`: local batch t of every process together
+make global batch t), so when the saved files all hold the same plain position
+(`{"next_index": k}`) and the new iterator's state has that form too, the iterator is set to
+position k and training continues on exactly the batches it would have seen. Otherwise (e.g.
+iterators with worker processes, whose state is per worker) it restarts from its seed, with
+a warning.
 """
 
 from __future__ import annotations
 
+import glob
+import json
 import logging
 import os
+import re
 from typing import Any
 
 import jax
@@ -45,20 +60,59 @@ class Checkpointer:
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, abstract_state: Any, data_iter=None, *, step: int | None = None):
-        """Restores onto the shardings of `abstract_state` (ShapeDtypeStructs with .sharding)."""
+        """Restores onto the shardings of `abstract_state` (ShapeDtypeStructs with .sharding),
+        whatever topology wrote the checkpoint; `data_iter` (if given) is set to the saved
+        position (see the module docstring). Returns (step, state)."""
         step = self.manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         _, restore = _grain_args()
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"checkpoint {os.path.join(self.directory, str(step))} does not fit this run's train state "
+                f"(model / optimizer config changed?): {e}"
+            ) from e
         state = restored["state"]
         if data_iter is not None:
             try:
                 self.manager.restore(step, args=ocp.args.Composite(data=restore(data_iter)))
             except (ValueError, FileNotFoundError, KeyError) as e:  # other process count, or no data item
-                log.warning("data iterator state not restored from step %d (%s); restarting the iterator", step, e)
+                position = self._saved_position(step)
+                if position is not None and _plain_position(_get_state(data_iter)):
+                    data_iter.set_state({"next_index": position})
+                    log.warning(
+                        "data iterator state of step %d was saved by another process count (%s); "
+                        "continuing the global stream at batch %d",
+                        step, e, position,
+                    )
+                else:
+                    log.warning("data iterator state not restored from step %d (%s); restarting the iterator", step, e)
         return step, state
+
+    def _saved_position(self, step: int) -> int | None:
+        """The position all processes' saved iterator files agree on, if they are all plain
+        `{"next_index": k}` states and every process of the saving run left one."""
+        files = glob.glob(os.path.join(self.directory, str(step), "data", "process_*-of-*.json"))
+        positions, counts = set(), set()
+        for path in files:
+            m = re.search(r"process_(\d+)-of-(\d+)\.json$", path)
+            if not m:
+                continue
+            counts.add(int(m.group(2)))
+            try:
+                with open(path) as f:
+                    state = json.load(f)
+            except (OSError, ValueError):
+                return None
+            if not _plain_position(state):
+                return None
+            positions.add(int(state["next_index"]))
+        if len(positions) != 1 or len(counts) != 1 or len(files) != counts.pop():
+            return None
+        return positions.pop()
 
     def wait(self):
         self.manager.wait_until_finished()
@@ -66,6 +120,17 @@ class Checkpointer:
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _get_state(data_iter) -> Any:
+    try:
+        return data_iter.get_state()
+    except Exception:  # an iterator without a readable state: nothing to reposition
+        return None
+
+
+def _plain_position(state: Any) -> bool:
+    return isinstance(state, dict) and set(state) == {"next_index"} and isinstance(state["next_index"], int)
 
 
 def abstract_like(tree: Any, shardings: Any) -> Any:

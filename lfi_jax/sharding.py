@@ -4,11 +4,23 @@ Axes: `data` (pure data parallel), `fsdp` (data parallel + parameters and optimi
 sharded), optionally `tensor`. Batches are split over every axis but `tensor`. A parameter
 is sharded over `fsdp` along its largest dimension divisible by the axis size (classic FSDP),
 unless it is smaller than `fsdp_min_size` elements, in which case it is replicated.
+
+With a `tensor` axis of size > 1, the transformer's matrices are split Megatron-style by
+path rules (`TENSOR_RULES`): the q / k / v / interaction-query projections and the MLP's first
+layer by their output features (whole heads per device), the attention output and the MLP's
+second layer by their input features, the gate's per-head tensors by head. FSDP then takes
+the largest remaining divisible dimension. Optimizer moments mirror the parameter paths, so
+the same rules shard them. Activations are not constrained inside the model: XLA propagates
+the batch sharding of the inputs through the residual stream (see docs/performance.md).
+
+The same config runs on 1 device or many: every axis of size 1 (or a parameter too small or
+not divisible) simply means "replicated", and `-1` in `config.mesh.shape` takes the rest.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Sequence
 
 import jax
@@ -16,6 +28,17 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
+
+# (regex searched in the "/"-joined parameter path, dimension split over `tensor`).
+# First match wins; a dimension not divisible by the axis size leaves the tensor replicated
+# over `tensor`.
+TENSOR_RULES: tuple[tuple[str, int], ...] = (
+    (r"attention/(query|key|value|interaction_query)/(kernel|bias)(/|$)", -1),  # column-parallel
+    (r"attention/output/dense/kernel(/|$)", 0),  # row-parallel
+    (r"intermediate/dense/(kernel|bias)(/|$)", -1),  # column-parallel
+    (r"layer/\d+/output/dense/kernel(/|$)", 0),  # row-parallel
+    (r"attention/gate/(w1|b1|w2|b2)(/|$)", 0),  # [H, ...]: whole heads
+)
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int, axes: Sequence[str] = ()) -> tuple[int, ...]:
@@ -54,32 +77,75 @@ def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def param_spec(shape: Sequence[int], mesh, *, fsdp_min_size: int = 2**16) -> P:
-    if "fsdp" not in mesh.axis_names:
-        return P()
-    n = mesh.shape["fsdp"]
-    if n == 1 or math.prod(shape) < fsdp_min_size:
-        return P()
-    # Largest dimension divisible by the fsdp size (ties: the last one).
-    best = None
-    for i, s in enumerate(shape):
-        if s % n == 0 and (best is None or s >= shape[best]):
-            best = i
-    if best is None:
-        return P()
-    spec = [None] * len(shape)
-    spec[best] = "fsdp"
-    return P(*spec)
+def _tensor_dim(path: str, shape: Sequence[int], n: int) -> int | None:
+    for pattern, dim in TENSOR_RULES:
+        if re.search(pattern, path):
+            if not shape:
+                return None
+            dim = dim % len(shape)
+            return dim if shape[dim] % n == 0 else None
+    return None
+
+
+def param_spec(shape: Sequence[int], mesh, *, fsdp_min_size: int = 2**16, path: str = "") -> P:
+    """The PartitionSpec of one parameter (or optimizer moment) of `shape` at `path`."""
+    spec: list[Any] = [None] * len(shape)
+    if "tensor" in mesh.axis_names and mesh.shape["tensor"] > 1 and path:
+        t = _tensor_dim(path, shape, mesh.shape["tensor"])
+        if t is not None:
+            spec[t] = "tensor"
+    if "fsdp" in mesh.axis_names:
+        n = mesh.shape["fsdp"]
+        if n > 1 and math.prod(shape) >= fsdp_min_size:
+            # Largest free dimension divisible by the fsdp size (ties: the last one).
+            best = None
+            for i, s in enumerate(shape):
+                if spec[i] is None and s % n == 0 and (best is None or s >= shape[best]):
+                    best = i
+            if best is not None:
+                spec[best] = "fsdp"
+    return P(*spec) if any(a is not None for a in spec) else P()
+
+
+def _path_str(path) -> str:
+    parts = []
+    for p in path:
+        key = getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))
+        parts.append(str(key))
+    return "/".join(parts)
 
 
 def tree_shardings(tree: Any, mesh, *, fsdp_min_size: int = 2**16):
     """NamedShardings for a pytree of arrays / ShapeDtypeStructs (params or optimizer state)."""
 
-    def one(x):
+    def one(path, x):
         shape = getattr(x, "shape", ())
-        return NamedSharding(mesh, param_spec(shape, mesh, fsdp_min_size=fsdp_min_size))
+        return NamedSharding(mesh, param_spec(shape, mesh, fsdp_min_size=fsdp_min_size, path=_path_str(path)))
 
-    return jax.tree.map(one, tree)
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def bytes_per_device(tree: Any, shardings: Any | None = None) -> int:
+    """The largest number of bytes any one device holds of `tree` (arrays, or
+    ShapeDtypeStructs with `shardings` / their own `.sharding`)."""
+    leaves = jax.tree.leaves(tree)
+    shards = jax.tree.leaves(shardings) if shardings is not None else [x.sharding for x in leaves]
+    per_device: dict[Any, int] = {}
+    for x, s in zip(leaves, shards, strict=True):
+        item = np.dtype(x.dtype).itemsize
+        for dev, index in s.devices_indices_map(tuple(x.shape)).items():
+            n = math.prod((sl.stop if sl.stop is not None else dim) - (sl.start or 0) for sl, dim in zip(index, x.shape))
+            per_device[dev] = per_device.get(dev, 0) + n * item
+    return max(per_device.values(), default=0)
+
+
+def describe(tree: Any, shardings: Any) -> dict[str, str]:
+    """{"/"-joined path: spec} for every sharded (not fully replicated) leaf: for logs and tests."""
+    out = {}
+    for (path, _), s in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(shardings), strict=True):
+        if any(a is not None for a in s.spec):
+            out[_path_str(path)] = str(s.spec)
+    return out
 
 
 def global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
