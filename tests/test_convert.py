@@ -8,7 +8,6 @@ import json
 import math
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -388,3 +387,16 @@ def test_macs_agree_with_xla_cost_analysis():
     extra_xla = xla_flops(iv) - xla
     extra_ours = 2 * (macs(iv)["paper"] - macs(cfg)["paper"])
     assert 1.0 <= extra_xla / extra_ours < 1.25, (extra_xla, extra_ours)
+
+
+def test_bfloat16_safetensors_are_read(tmp_path):
+    from safetensors.torch import save_file as save_torch
+
+    hf = _hf_model()
+    path = _save(hf, tmp_path)
+    sd = {k: torch.from_numpy(v.copy()).to(torch.bfloat16) for k, v in load_file(os.path.join(path, "model.safetensors")).items()}
+    save_torch(sd, os.path.join(path, "model.safetensors"))  # numpy has no bfloat16: decoded by hand
+    model, _ = convert.load_hf_vit(path)
+    got = convert.to_hf_state_dict(model)
+    for k, v in sd.items():
+        np.testing.assert_array_equal(got[k], v.float().numpy(), err_msg=k)

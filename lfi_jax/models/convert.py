@@ -30,7 +30,6 @@ import re
 import tempfile
 from typing import Any, Mapping
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -384,8 +383,8 @@ def _check_tensors(sd: Mapping[str, np.ndarray], cfg: ModelConfig, source: str, 
 def _build(cfg: ModelConfig, params: Mapping[Path, np.ndarray], seed: int) -> ViT:
     """A ViT of `cfg` whose parameters come from `params` (ours layout); others stay fresh."""
     abstract = nnx.eval_shape(lambda: ViT(cfg, rngs=nnx.Rngs(seed)))
-    complete = {tuple(p) for p, _ in nnx.state(abstract, nnx.Param).flat_state()} <= set(params)
-    # With every parameter given nothing needs initialising (no random init to compile/run).
+    complete = {tuple(p) for p, _ in nnx.state(abstract).flat_state()} <= set(params)
+    # With every variable given nothing needs initialising (no random init to compile/run).
     model = abstract if complete else ViT(cfg, rngs=nnx.Rngs(seed))
     flat = nnx.state(model, nnx.Param).flat_state()
     for path, var in flat:
