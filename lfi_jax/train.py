@@ -311,6 +311,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     mesh = shd.make_mesh(config.mesh)
     if config.batch_size % (mesh.size if mesh.size else 1):
         raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {mesh.size} devices")
+    if config.eval_batch_size % (mesh.size if mesh.size else 1):  # fail now, not at the first evaluation
+        raise ValueError(f"config.eval_batch_size={config.eval_batch_size} is not divisible by the {mesh.size} devices")
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
