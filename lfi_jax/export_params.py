@@ -41,6 +41,9 @@ def _atomic_write(path: str, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from other users
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

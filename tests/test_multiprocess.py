@@ -158,6 +158,23 @@ def test_a_killed_process_makes_the_others_exit_within_the_heartbeat_timeout(tmp
     assert waited < heartbeat + 60, f"process 0 took {waited:.0f} s to notice (heartbeat timeout {heartbeat} s)"
 
 
+def test_a_missing_peer_fails_start_up_within_the_initialization_timeout(tmp_path):
+    code = (
+        "import ml_collections\n"
+        "from lfi_jax.distributed import maybe_initialize\n"
+        "maybe_initialize(ml_collections.ConfigDict(dict(coordinator_address='', num_processes=0, process_id=-1,"
+        " initialization_timeout=3, heartbeat_timeout=5)))\n"
+        "print('initialized')\n"
+    )
+    env = _env(tmp_path / "jax_cache", LFI_COORDINATOR_ADDRESS=f"127.0.0.1:{_free_port()}", LFI_NUM_PROCESSES=2,
+               LFI_PROCESS_ID=0)
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "initialized" not in r.stdout
+    assert "DEADLINE_EXCEEDED" in r.stderr or "Deadline Exceeded" in r.stderr, r.stderr[-2000:]
+    assert time.time() - t0 < 60
+
+
 def _free_port():
     import socket
 
