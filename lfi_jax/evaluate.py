@@ -433,38 +433,62 @@ def format_report(m: dict[str, Any], title: str = "") -> str:
     return "\n".join(lines)
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+def atomic_write(path: str, data: str | bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same directory + os.replace;
+    the file gets the usual permissions (umask), not mkstemp's 0600."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_figure(fig, path: str, dpi: int = 110) -> None:
+    """Save a matplotlib figure as PNG atomically and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    atomic_write(path, buf.getvalue())
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    atomic_write(path, json.dumps(obj, indent=1) + "\n")
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    atomic_write(path, text)
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: a Python literal (1, 0.5, (1, 2), True, 'x') or else the string."""
+    import ast
+
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def parse_options(items: Sequence[str]) -> dict[str, Any]:
-    from lfi_jax.experiments import parse_value
-
     out = {}
     for item in items:
         if "=" not in item:

@@ -41,20 +41,18 @@ intervals by 10.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import sys
-import tempfile
 import time
 from typing import Any, Callable
 
 import numpy as np
 
 from lfi_jax.config import ABLATIONS, load_config_file, set_ablation
+from lfi_jax.evaluate import atomic_write, parse_value, save_figure
 
 DEMO = "demo"
 DEFAULT_WORKDIR = os.path.join("workdirs", "experiments")
@@ -97,14 +95,6 @@ DEMO_BUDGETS: dict[str, dict[str, Any]] = {
 
 
 # --------------------------------------------------------------------------- config edits
-
-
-def parse_value(text: str) -> Any:
-    """A command-line value: a Python literal (1, 0.5, (1, 2), True, 'x') or else the string."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
 
 
 def set_key(config, dotted: str, value: Any) -> None:
@@ -354,18 +344,8 @@ def finished_metrics(workdir: str, config) -> dict[str, float] | None:
     return out if all(k in out for k in metric_keys(config)) else None
 
 
-def write_atomic(path: str, text: str, mode: str = "w") -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, mode) as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def write_atomic(path: str, text: str) -> None:
+    atomic_write(path, text)
 
 
 # --------------------------------------------------------------------------- running
@@ -593,17 +573,7 @@ def plot(name: str, summary: list[dict[str, Any]], keys: list[str], path: str, t
                              va="bottom")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=d)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------- entry point

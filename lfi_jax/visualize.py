@@ -32,13 +32,12 @@ import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from lfi_jax.evaluate import Run, eval_data_config, load_run, write_json_atomic
+from lfi_jax.evaluate import Run, eval_data_config, load_run, save_figure, write_json_atomic
 
 
 # --------------------------------------------------------------------------- attention maps
@@ -206,22 +205,6 @@ def compute_maps(run: Run, images: np.ndarray, batch: int = 64) -> dict[str, np.
 
 
 # --------------------------------------------------------------------------- figure helpers
-
-
-def save_figure(fig, path: str, dpi: int = 110) -> None:
-    import matplotlib.pyplot as plt
-
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=d)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _pyplot():

@@ -12,7 +12,6 @@ from PIL import Image
 
 from lfi_jax import evaluate as ev
 from lfi_jax.config import load_config_file
-from lfi_jax.metrics import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {
