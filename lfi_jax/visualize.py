@@ -1,10 +1,10 @@
 """The paper's figures from trained runs.
 
     python -m lfi_jax.visualize maps --workdir W [--data SPEC] [--split S] [--n 8]
-        [--layer -1|mean] [--head mean|H] [--teacher STORE] [--compare W_VIT] --out f.png
+        [--layer -1|mean] [--head mean|H] [--teacher STORE] [--compare [NAME=]W_VIT] --out f.png
     python -m lfi_jax.visualize convergence --runs [NAME=]W1 [NAME=]W2 ... [--metric KEY] --out f.png
     python -m lfi_jax.visualize similarity --workdir W --human STORE [--data ...] [--split S]
-        [--n 500] [--teacher STORE] [--compare W_VIT] [--out f.png]
+        [--n 500] [--teacher STORE] [--compare [NAME=]W_VIT] [--out f.png]
 
 maps (Fig. 5): one row per example: the image, C_vfm, C_vlm (the teacher) and C_agt, each the
 CLS query's attention over the patches (CLS key dropped, renormalised), at one layer (or the
@@ -101,6 +101,18 @@ def select(maps: np.ndarray, layer: int | str = -1, head: int | str = "mean") ->
 
 def parse_layer(v: str) -> int | str:
     return "mean" if v == "mean" else int(v)
+
+
+def layer_name(layer: int | str, depth: int) -> str:
+    return "mean over layers" if layer == "mean" else f"layer {int(layer) % depth + 1} of {depth}"
+
+
+def parse_named(value: str) -> tuple[str, str]:
+    """'ViT=runs/vit' -> ('ViT', 'runs/vit'); 'runs/vit' -> ('vit', 'runs/vit')."""
+    name, sep, path = value.partition("=")
+    if sep and name and path:
+        return name, path
+    return os.path.basename(os.path.normpath(value)), value
 
 
 # --------------------------------------------------------------------------- examples + teacher
@@ -217,12 +229,15 @@ def _pyplot():
 
 
 def _overlay(ax, image: np.ndarray, m: np.ndarray | None, grid: tuple[int, int], title: str | None, note: str = ""):
+    """The map (scaled to its maximum, `inferno`) over a dimmed grayscale copy of the image."""
     h, w = image.shape[:2]
-    ax.imshow(image, extent=(0, w, h, 0), interpolation="nearest")
+    gray = np.asarray(image, np.float32)[..., :3] @ np.asarray([0.299, 0.587, 0.114], np.float32)
+    ax.imshow(gray, extent=(0, w, h, 0), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
     if m is not None:
         g = np.asarray(m, np.float64).reshape(grid)
         top = g.max()
-        ax.imshow(g / top if top > 0 else g, extent=(0, w, h, 0), cmap="jet", alpha=0.55, vmin=0, vmax=1, interpolation="nearest")
+        ax.imshow(g / top if top > 0 else g, extent=(0, w, h, 0), cmap="inferno", alpha=0.75, vmin=0, vmax=1,
+                  interpolation="nearest")
     else:
         ax.text(w / 2, h / 2, note or "n/a", ha="center", va="center", color="white", fontsize=8,
                 bbox=dict(facecolor="black", alpha=0.6))
@@ -254,11 +269,12 @@ def maps_figure(workdir: str, out: str, *, data: str | None = None, split: str |
     agt = select(maps["agt"], layer, head) if maps["agt"] is not None else None
     cols = [("image", None), ("C_vfm", vfm), ("C_vlm (teacher)", ex["teacher"]), ("C_agt", agt)]
     if compare:
-        crun = load_run(compare, devices=devices)
+        cname, cpath = parse_named(compare)
+        crun = load_run(cpath, devices=devices)
         if crun.mcfg.grid != run.mcfg.grid or crun.config.data.image_size != run.config.data.image_size:
-            raise ValueError(f"--compare {compare}: its grid {crun.mcfg.grid} differs from {run.mcfg.grid}")
+            raise ValueError(f"--compare {cpath}: its grid {crun.mcfg.grid} differs from {run.mcfg.grid}")
         cmaps = compute_maps(crun, ex["images"])
-        cols.append((f"C_vfm of {os.path.basename(os.path.normpath(compare))}", select(cmaps["vfm"], layer, head)))
+        cols.append((f"C_vfm ({cname})", select(cmaps["vfm"], layer, head)))
     pred = maps["logits"].argmax(1)
     plt = _pyplot()
     fig, axes = plt.subplots(n, len(cols), figsize=(1.9 * len(cols), 1.9 * n + 0.4), squeeze=False)
@@ -279,7 +295,7 @@ def maps_figure(workdir: str, out: str, *, data: str | None = None, split: str |
             if title.startswith("C_vlm") and ex["teacher_mask"][r] == 0:
                 m = None
             _overlay(ax, img, None if m is None else m[r], run.mcfg.grid, title if r == 0 else None, note)
-    lname = "mean over layers" if layer == "mean" else f"layer {layer}"
+    lname = layer_name(layer, run.mcfg.depth)
     hname = "mean over heads" if head == "mean" else f"head {head}"
     fig.suptitle(f"CLS attention over patches, {lname}, {hname} ({data_cfg.source}/{split})", fontsize=9)
     fig.tight_layout()
@@ -406,9 +422,10 @@ def similarity(workdir: str, human: str, *, data: str | None = None, split: str 
         bars["C_agt"] = _ms(cosine(select(maps["agt"], layer, head), hm)[keep])
     bars["uniform"] = _ms(cosine(np.ones_like(hm), hm)[keep])
     if compare:
-        crun = load_run(compare, devices=devices)
+        cname, cpath = parse_named(compare)
+        crun = load_run(cpath, devices=devices)
         cm = compute_maps(crun, ex["images"])
-        cname = f"C_vfm ({os.path.basename(os.path.normpath(compare))})"
+        cname = f"C_vfm ({cname})"
         bars[cname] = _ms(cosine(select(cm["vfm"], layer, head), hm)[keep])
         per_layer[cname] = [_ms(cosine(select(cm["vfm"], l, head), hm)[keep]) for l in range(cm["vfm"].shape[1])]
     res["similarity"] = bars
@@ -426,7 +443,7 @@ def similarity(workdir: str, human: str, *, data: str | None = None, split: str 
         ax.set_xticklabels([k.replace(" (", "\n(") for k in names], fontsize=8)
         ax.set_ylabel("cosine similarity to the human map")
         ax.set_ylim(0, 1.05)
-        lname = "mean over layers" if layer == "mean" else f"layer {layer}"
+        lname = layer_name(layer, L)
         ax.set_title(f"Similarity to human maps ({lname}, {res['examples']} examples)", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
         fig.tight_layout()
@@ -478,7 +495,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         q.add_argument("--layer", default="-1", help="layer index or 'mean' (default -1: the last)")
         q.add_argument("--head", default="mean", help="head index or 'mean' (default)")
         q.add_argument("--teacher", default=None, help="teacher store for this split (C_vlm)")
-        q.add_argument("--compare", default=None, help="a second run whose C_vfm is shown too (e.g. the ViT)")
+        q.add_argument("--compare", default=None, metavar="[NAME=]W", help="a second run whose C_vfm is shown too (e.g. ViT=W_VIT)")
     m.add_argument("--n", type=int, default=8)
     m.add_argument("--out", required=True)
     s.add_argument("--human", required=True, help="teacher-format store of human maps for the split")

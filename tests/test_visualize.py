@@ -89,7 +89,7 @@ def trained(tmp_path_factory):
 
 def test_maps_figure(trained, tmp_path):
     out = tmp_path / "maps.png"
-    assert vz.main(["maps", "--workdir", trained, "--split", "test_iid", "--n", "3", "--compare", trained, "--out", str(out)]) == 0
+    assert vz.main(["maps", "--workdir", trained, "--split", "test_iid", "--n", "3", "--compare", f"ViT={trained}", "--out", str(out)]) == 0
     with Image.open(out) as im:
         assert im.size == (int(1.9 * 5 * 110), int((1.9 * 3 + 0.4) * 110))
         a = np.asarray(im.convert("RGB"), np.float32)
