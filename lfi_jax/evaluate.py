@@ -701,7 +701,9 @@ def _main_domains(argv: Sequence[str]) -> int:
     text = table + "\n\nExpected calibration error (%):\n\n" + ece + "\n"
     print(text)
     if a.out:
-        write_text_atomic(a.out, text)
+        cmd = "python -m lfi_jax.evaluate domains " + " ".join(argv)
+        steps = ", ".join(f"{m} step {next(iter(res['results'][m].values()))['step']}" for m in res["models"])
+        write_text_atomic(a.out, f"Command: `{cmd}`\n\nCheckpoints: {steps}. Top-1 (%):\n\n" + text)
         write_json_atomic(os.path.splitext(a.out)[0] + ".json", res)
         print(f"wrote {a.out} and {os.path.splitext(a.out)[0]}.json")
     return 0

@@ -438,11 +438,11 @@ def similarity(workdir: str, human: str, *, data: str | None = None, split: str 
         ax.bar(range(len(names)), [bars[k]["mean"] for k in names], yerr=[bars[k]["std"] for k in names], capsize=3,
                color=[colors.get(k, "tab:purple") for k in names])
         for i, k in enumerate(names):
-            ax.text(i, bars[k]["mean"] + 0.01, f"{bars[k]['mean']:.3f}", ha="center", va="bottom", fontsize=8)
+            ax.text(i, bars[k]["mean"] + bars[k]["std"] + 0.01, f"{bars[k]['mean']:.3f}", ha="center", va="bottom", fontsize=8)
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels([k.replace(" (", "\n(") for k in names], fontsize=8)
         ax.set_ylabel("cosine similarity to the human map")
-        ax.set_ylim(0, 1.05)
+        ax.set_ylim(0, 1.12)
         lname = layer_name(layer, L)
         ax.set_title(f"Similarity to human maps ({lname}, {res['examples']} examples)", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
