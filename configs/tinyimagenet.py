@@ -34,7 +34,7 @@ def get_config(arg: str = "B/16,ivit") -> ml_collections.ConfigDict:
     c.total_steps = epochs * TRAIN_EXAMPLES // c.batch_size
     c.log_every = 100
     c.eval_every = TRAIN_EXAMPLES // c.batch_size  # once per epoch
-    c.eval_batch_size = 500
+    c.eval_batch_size = 512  # divisible by 1, 2, 4, 8, ... devices
     c.checkpoint_every = 1000
 
     c.data.source = "tinyimagenet:/path/to/tiny-imagenet-200"

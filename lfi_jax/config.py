@@ -54,7 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.data.mean = (0.5, 0.5, 0.5)
     c.data.std = (0.5, 0.5, 0.5)
-    c.data.num_workers = 0
+    c.data.num_workers = 0  # grain worker processes (0 = threads in this process)
+    c.data.num_threads = 2  # in-process prefetch threads
+    c.data.prefetch = 4  # batches buffered ahead
 
     c.teacher = ml_collections.ConfigDict()
     c.teacher.store = ""  # path to a TeacherStore for the train split; "" = none
@@ -90,7 +92,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp_min_size = 2**16  # parameters smaller than this stay replicated
 
     c.distributed = ml_collections.ConfigDict(
-        dict(coordinator_address="", num_processes=0, process_id=-1, initialization_timeout=300, heartbeat_timeout=60)
+        dict(
+            mode="",  # "" = explicit if an address is given, else auto-detect (TPU VM, SLURM, OpenMPI); "auto" | "off"
+            coordinator_address="",
+            coordinator_bind_address="",  # "" = the coordinator address
+            num_processes=0,
+            process_id=-1,
+            initialization_timeout=300,
+            heartbeat_timeout=60,
+            shutdown_timeout=300,
+        )
     )
     return c
 
@@ -194,3 +205,47 @@ def set_ablation(config, name: str) -> None:
 
 
 __all__ = ["ABLATIONS", "load_config_file", "parse_arg", "set_ablation", "PAPER_FREEZE", "PAPER_TRAINABLE", "VARIANTS", "base_config", "model_config", "model_fields", "validate"]
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: a Python literal (1, 0.5, (1, 2), True, 'x') or else the string."""
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def set_key(config, dotted: str, value: Any) -> None:
+    """config[a][b] = value for dotted "a.b"; an unknown key is an error naming it.
+
+    New keys are allowed only under `data.options` (source options are the source's business;
+    it rejects unknown ones itself). The value is coerced to the existing value's type.
+    """
+    node = config
+    *parents, leaf = dotted.split(".")
+    for i, p in enumerate(parents):
+        if p not in node:
+            raise KeyError(f"unknown config key {'.'.join(parents[: i + 1])!r} (in override {dotted}={value!r})")
+        node = node[p]
+    if leaf not in node:
+        if parents != ["data", "options"]:
+            raise KeyError(f"unknown config key {dotted!r}")
+        node[leaf] = parse_value(value) if isinstance(value, str) else value
+        return
+    old = node[leaf]
+    if isinstance(value, str) and not isinstance(old, str):
+        value = parse_value(value)
+    if isinstance(old, bool):
+        value = bool(value)
+    elif isinstance(old, int) and not isinstance(value, bool) and isinstance(value, (int, float)) and float(value).is_integer():
+        value = int(value)
+    elif isinstance(old, float) and isinstance(value, (int, float)):
+        value = float(value)
+    elif isinstance(old, tuple) and isinstance(value, list):
+        value = tuple(value)
+    try:
+        node[leaf] = value
+    except TypeError as e:
+        raise TypeError(f"config key {dotted!r}: cannot set {value!r} ({e})") from None

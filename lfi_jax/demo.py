@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from lfi_jax.config import load_config_file
+from lfi_jax.config import load_config_file, set_key
 from lfi_jax.metrics import read_metrics, setup_logging
 
 MODELS = ("vit", "ivit")
@@ -33,23 +33,13 @@ def run_one(model: str, regime: str, seed: int, workdir: str, teacher_dir: str, 
         config.teacher.store = teacher_dir
         config.teacher.auto = ""
     for key, value in overrides.items():
-        _set(config, key, value)
+        set_key(config, key, value)
     run_dir = os.path.join(workdir, f"{model}_seed{seed}")
     t0 = time.time()
     result = train_and_evaluate(config, run_dir)
     result["wall_s"] = time.time() - t0
     result["workdir"] = run_dir
     return result
-
-
-def _set(config, dotted: str, value):
-    node = config
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-        node = node[p]
-    if leaf not in node:
-        raise KeyError(f"unknown config key {dotted!r}")
-    node[leaf] = type(node[leaf])(value) if node[leaf] is not None else value
 
 
 def build_teacher(regime: str, seed: int, teacher_dir: str, overrides: dict) -> None:
@@ -62,7 +52,7 @@ def build_teacher(regime: str, seed: int, teacher_dir: str, overrides: dict) -> 
     config.data.options.seed = seed
     for key, value in overrides.items():
         if key.startswith("data.") or key.startswith("teacher."):
-            _set(config, key, value)
+            set_key(config, key, value)
     source = get_source(config.data.source, config.data.train_split, config.data.options.to_dict())
     print(f"building the oracle teacher store ({len(source)} maps) in {teacher_dir}", file=sys.stderr, flush=True)
     export_store(

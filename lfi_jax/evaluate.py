@@ -52,6 +52,8 @@ from typing import Any
 
 import numpy as np
 
+from lfi_jax.config import parse_value
+
 log = logging.getLogger("lfi_jax.evaluate")
 
 ECE_BINS = 15
@@ -476,16 +478,6 @@ def write_json_atomic(path: str, obj: Any) -> None:
 
 def write_text_atomic(path: str, text: str) -> None:
     atomic_write(path, text)
-
-
-def parse_value(text: str) -> Any:
-    """A command-line value: a Python literal (1, 0.5, (1, 2), True, 'x') or else the string."""
-    import ast
-
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
 
 
 def parse_options(items: Sequence[str]) -> dict[str, Any]:

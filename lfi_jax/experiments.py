@@ -51,8 +51,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from lfi_jax.config import ABLATIONS, load_config_file, set_ablation
-from lfi_jax.evaluate import atomic_write, parse_value, save_figure
+from lfi_jax.config import ABLATIONS, load_config_file, set_ablation, set_key
+from lfi_jax.evaluate import atomic_write, save_figure
 
 DEMO = "demo"
 DEFAULT_WORKDIR = os.path.join("workdirs", "experiments")
@@ -95,40 +95,6 @@ DEMO_BUDGETS: dict[str, dict[str, Any]] = {
 
 
 # --------------------------------------------------------------------------- config edits
-
-
-def set_key(config, dotted: str, value: Any) -> None:
-    """config[a][b] = value for dotted "a.b"; an unknown key is an error naming it.
-
-    New keys are allowed only under `data.options` (source options are the source's business;
-    it rejects unknown ones itself). The value is coerced to the existing value's type.
-    """
-    node = config
-    *parents, leaf = dotted.split(".")
-    for i, p in enumerate(parents):
-        if p not in node:
-            raise KeyError(f"unknown config key {'.'.join(parents[: i + 1])!r} (in override {dotted}={value!r})")
-        node = node[p]
-    if leaf not in node:
-        if parents != ["data", "options"]:
-            raise KeyError(f"unknown config key {dotted!r}")
-        node[leaf] = parse_value(value) if isinstance(value, str) else value
-        return
-    old = node[leaf]
-    if isinstance(value, str) and not isinstance(old, str):
-        value = parse_value(value)
-    if isinstance(old, bool):
-        value = bool(value)
-    elif isinstance(old, int) and not isinstance(value, bool) and isinstance(value, (int, float)) and float(value).is_integer():
-        value = int(value)
-    elif isinstance(old, float) and isinstance(value, (int, float)):
-        value = float(value)
-    elif isinstance(old, tuple) and isinstance(value, list):
-        value = tuple(value)
-    try:
-        node[leaf] = value
-    except TypeError as e:
-        raise TypeError(f"config key {dotted!r}: cannot set {value!r} ({e})") from None
 
 
 def parse_config_spec(spec: str) -> tuple[str, str | None]:

@@ -353,42 +353,45 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if start >= total:  # already finished: report the final evaluation again
         final.update(evaluate_splits(trainer, state["params"], config, teacher_cfg))
     t_last, n_last, t_start = time.time(), start, time.time()
-    with _Preemption() as preempt:
-        step = start
-        while step < total:
-            batch = next(train_iter)
-            state, metrics = trainer.train_step(state, shd.global_batch(batch, mesh))
-            step += 1
-            is_last = step == total
-            if (config.log_every and step % config.log_every == 0) or is_last:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                now = time.time()
-                m["examples_per_sec"] = (step - n_last) * config.batch_size / max(now - t_last, 1e-9)
-                t_last, n_last = now, step
-                writer.write(step, m)
-                if is_main:
-                    eta = (now - t_start) / max(step - start, 1) * (total - step)
-                    print(
-                        f"[{config.get('name', 'train')}] step {step}/{total} loss {m['loss']:.4f} "
-                        f"(task {m['task_loss']:.4f} align {m['align_loss']:.4f}) "
-                        f"{m['examples_per_sec']:.0f} ex/s ETA {format_eta(eta)}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                final.update(m)
-            if (config.eval_every and step % config.eval_every == 0) or is_last:
-                ev = evaluate_splits(trainer, state["params"], config, teacher_cfg)
-                writer.write(step, ev)
-                final.update(ev)
-                if is_main:
-                    print(f"[{config.get('name', 'train')}] step {step} " + " ".join(f"{k} {v:.4f}" for k, v in ev.items() if k.endswith("accuracy")), file=sys.stderr, flush=True)
-            if (config.checkpoint_every and step % config.checkpoint_every == 0) or is_last or preempt.requested:
-                ckpt.save(step, state, train_iter, force=True)
-            if preempt.requested:
-                log.warning("stopped at step %d after SIGTERM; checkpoint saved", step)
-                break
-    ckpt.close()
-    writer.close()
+    try:
+        with _Preemption() as preempt:
+            step = start
+            while step < total:
+                batch = next(train_iter)
+                state, metrics = trainer.train_step(state, shd.global_batch(batch, mesh))
+                step += 1
+                is_last = step == total
+                if (config.log_every and step % config.log_every == 0) or is_last:
+                    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    now = time.time()
+                    m["examples_per_sec"] = (step - n_last) * config.batch_size / max(now - t_last, 1e-9)
+                    t_last, n_last = now, step
+                    writer.write(step, m)
+                    if is_main:
+                        eta = (now - t_start) / max(step - start, 1) * (total - step)
+                        print(
+                            f"[{config.get('name', 'train')}] step {step}/{total} loss {m['loss']:.4f} "
+                            f"(task {m['task_loss']:.4f} align {m['align_loss']:.4f}) "
+                            f"{m['examples_per_sec']:.0f} ex/s ETA {format_eta(eta)}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                    final.update(m)
+                if (config.eval_every and step % config.eval_every == 0) or is_last:
+                    ev = evaluate_splits(trainer, state["params"], config, teacher_cfg)
+                    writer.write(step, ev)
+                    final.update(ev)
+                    if is_main:
+                        print(f"[{config.get('name', 'train')}] step {step} " + " ".join(f"{k} {v:.4f}" for k, v in ev.items() if k.endswith("accuracy")), file=sys.stderr, flush=True)
+                if (config.checkpoint_every and step % config.checkpoint_every == 0) or is_last or preempt.requested:
+                    ckpt.save(step, state, train_iter, force=True)
+                if preempt.requested:
+                    log.warning("stopped at step %d after SIGTERM; checkpoint saved", step)
+                    break
+    finally:  # async checkpoint writes finish (nothing saved is lost), prefetch threads stop
+        ckpt.close()
+        writer.close()
+        getattr(train_iter, "close", lambda: None)()
     final["step"] = step
     final["preempted"] = bool(preempt.requested)
     return final

@@ -86,3 +86,9 @@ def test_shape_errors_are_clear():
     bad = dict(gate, w1=gate["w1"][:1])
     with pytest.raises(ValueError, match="heads"):
         interaction_attention(q, q2, k, v, bad)
+
+
+def test_default_block_q_bounds_the_block_maps():
+    from lfi_jax.ops.interaction_attention import default_block_q
+
+    assert [default_block_q(n) for n in (37, 197, 785, 2048, 3137, 8192, 10**6)] == [128, 128, 128, 128, 64, 32, 16]

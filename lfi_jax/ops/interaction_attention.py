@@ -123,8 +123,15 @@ def _xla(q, q2, k, v, gate):
     return o, c_agt[:, :, 0, :]
 
 
-def _chunked(q, q2, k, v, gate, block_q: int = 128):
+def default_block_q(n: int) -> int:
+    """Query rows per chunk: 128 up to N=2048, then halved so one block's [block_q, N] maps
+    stay near 2^18 entries per head (64 at N=3137; docs/performance.md)."""
+    return int(min(128, max(16, 2 ** math.floor(math.log2(262144 / n)))))
+
+
+def _chunked(q, q2, k, v, gate, block_q: int | None = None):
     b, n, h, d = q.shape
+    block_q = block_q or default_block_q(n)
     # The CLS row only needs one query: computed on its own, it costs O(N).
     scale = 1.0 / math.sqrt(d)
     agt_cls = jax.nn.softmax(_logits(q2[:, :1], k, scale), axis=-1)[:, :, 0, :]
@@ -161,7 +168,7 @@ def interaction_attention(q, q2, k, v, gate: Gate, *, impl: str = "xla", block_q
     if impl == "xla":
         return _xla(q, q2, k, v, gate)
     if impl == "chunked":
-        return _chunked(q, q2, k, v, gate, block_q=block_q or 128)
+        return _chunked(q, q2, k, v, gate, block_q=block_q)
     if impl == "pallas":
         from lfi_jax.ops.pallas import interaction_attention_pallas
 

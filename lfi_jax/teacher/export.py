@@ -35,6 +35,7 @@ class Backend:
     export: str  # "module:function", (source, indices, options) -> [(id, TeacherEntry)]
     provenance: str  # "module:function", options -> dict
     options: str  # "module:ATTRIBUTE", {name: (default, help)}
+    takes_progress: bool = False  # export() reads options["progress"] (its own progress bar)
 
 
 BACKENDS: dict[str, Backend] = {
@@ -42,7 +43,8 @@ BACKENDS: dict[str, Backend] = {
         "lfi_jax.teacher.oracle:export_backend", "lfi_jax.teacher.oracle:provenance", "lfi_jax.teacher.oracle:OPTIONS"
     ),
     "llava": Backend(
-        "lfi_jax.teacher.llava:export_backend", "lfi_jax.teacher.llava:provenance", "lfi_jax.teacher.llava:TEACHER_OPTIONS"
+        "lfi_jax.teacher.llava:export_backend", "lfi_jax.teacher.llava:provenance", "lfi_jax.teacher.llava:TEACHER_OPTIONS",
+        takes_progress=True,
     ),
 }
 # option name -> CLI flag name, where they differ
@@ -123,7 +125,7 @@ def export_store(
     done, t0 = 0, time.perf_counter()
     for k, i in enumerate(todo):
         idx = list(writer.shard_range(i))
-        records = list(export_fn(source, idx, options))
+        records = list(export_fn(source, idx, {**options, "progress": progress} if b.takes_progress else options))
         expected = [source.example_id(j) for j in idx]
         by_id = dict(records)
         if len(by_id) != len(records) or set(by_id) != set(expected):
@@ -224,7 +226,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, d
     group = p.add_argument_group(f"{first.teacher} teacher options")
     for name, (default, help_text) in table.items():
         flag = FLAG_NAMES.get(name, name)
-        group.add_argument(f"--{flag}", dest=f"opt__{name}", default=None, metavar="VALUE",
+        aliases = [f"--{flag}"] + ([f"--{flag.replace('_', '-')}"] if "_" in flag else [])
+        group.add_argument(*aliases, dest=f"opt__{name}", default=None, metavar="VALUE",
                            help=f"{help_text} (default {default!r})".replace("%", "%%"))
     args = p.parse_args(argv)
     if not args.data or not args.out:
