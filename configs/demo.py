@@ -12,8 +12,7 @@ Table 3), the regime (clean: spurious_p 0 | shortcut: 0.7, the default | hard: 0
 import ml_collections
 
 from lfi_jax.config import ABLATIONS, base_config, model_fields, parse_arg, set_ablation
-
-REGIMES = {"clean": 0.0, "shortcut": 0.7, "hard": 0.9}
+from lfi_jax.data.shortcut_digits import SPURIOUS_PRESETS as REGIMES
 
 
 def get_config(arg: str = "ivit") -> ml_collections.ConfigDict:

@@ -34,7 +34,7 @@ def run_one(model: str, regime: str, seed: int, workdir: str, teacher_dir: str, 
         config.teacher.auto = ""
     for key, value in overrides.items():
         set_key(config, key, value)
-    run_dir = os.path.join(workdir, f"{model}_seed{seed}")
+    run_dir = os.path.join(workdir, f"{model}_{regime}_seed{seed}")
     t0 = time.time()
     result = train_and_evaluate(config, run_dir)
     result["wall_s"] = time.time() - t0
@@ -113,20 +113,31 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict[str, list[dict]], path: str, title: str) -> None:
+LABELS = {"vit": "ViT", "ivit": "I-ViT", "iq_gc": "IQ+GC", "ic_only": "IC only", "iq_ic": "IQ+IC"}
+COLORS = {"vit": "tab:blue", "ivit": "tab:red", "iq_gc": "tab:green", "ic_only": "tab:orange", "iq_ic": "tab:purple"}
+
+
+def plot(results: dict[str, list[dict]], path: str, title: str, spurious_p: float, num_classes: int = 10) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    colors = {"vit": "tab:blue", "ivit": "tab:red"}
+    chance = 1.0 / num_classes
     for ax, split in zip(axes, ("test_iid", "test_shifted")):
         for model, runs in results.items():
             for i, r in enumerate(runs):
                 steps, acc = curves(r["workdir"], f"{split}/accuracy")
-                ax.plot(steps, acc, "-o", ms=3, color=colors.get(model), alpha=0.8,
-                        label=("I-ViT" if model == "ivit" else "ViT") if i == 0 else None)
+                ax.plot(steps, acc, "-o", ms=3, color=COLORS.get(model), alpha=0.8,
+                        label=LABELS.get(model, model) if i == 0 else None)
+        ax.axhline(chance, color="gray", ls=":", lw=1)
+        ax.text(0.99, chance, "chance", transform=ax.get_yaxis_transform(), ha="right", va="bottom", fontsize=8, color="gray")
+        if split == "test_iid" and spurious_p > 0:
+            # What a model that reads only the background scores on test_iid.
+            bg = spurious_p + (1 - spurious_p) * chance
+            ax.axhline(bg, color="gray", ls="--", lw=1)
+            ax.text(0.99, bg, "background only", transform=ax.get_yaxis_transform(), ha="right", va="bottom", fontsize=8, color="gray")
         ax.set_title(split)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -155,7 +166,7 @@ def main(argv=None):
         results: dict[str, list[dict]] = {m: [] for m in FLAGS.models}
         t0 = time.time()
         for seed in range(FLAGS.seeds):
-            teacher_dir = os.path.join(FLAGS.workdir, f"teacher_seed{seed}")
+            teacher_dir = os.path.join(FLAGS.workdir, f"teacher_{FLAGS.regime}_seed{seed}")
             if any(load_config_file("demo", m).model.interaction_constraint for m in FLAGS.models):
                 build_teacher(FLAGS.regime, seed, teacher_dir, overrides)
             for model in FLAGS.models:
@@ -165,7 +176,9 @@ def main(argv=None):
                 results[model].append(r)
         summary = summarise(results)
         title = f"shortcut digits, regime {FLAGS.regime}, {FLAGS.seeds} seed(s)"
-        plot(results, os.path.join(FLAGS.workdir, "convergence.png"), title)
+        from lfi_jax.data.shortcut_digits import SPURIOUS_PRESETS
+
+        plot(results, os.path.join(FLAGS.workdir, "convergence.png"), title, SPURIOUS_PRESETS[FLAGS.regime])
         payload = {"regime": FLAGS.regime, "seeds": FLAGS.seeds, "summary": summary,
                    "runs": {m: [{k: v for k, v in r.items() if isinstance(v, (int, float, str, bool))} for r in rs]
                             for m, rs in results.items()},

@@ -176,3 +176,29 @@ def test_frozen_parameters_do_not_move():
     assert not moved["encoder/layer/0/attention/query/kernel"]
     assert not moved["embeddings/position_embeddings"]
     assert not moved["encoder/layer/1/intermediate/dense/kernel"]
+
+
+def test_main_job_runs_both_models_and_reuses_finished_runs(tmp_path):
+    """`python -m lfi_jax.demo` at a tiny size: table, results.json, convergence.png; a second
+    call trains nothing; another regime in the same workdir gets its own runs and teacher."""
+    out = tmp_path / "demo"
+    sets = ["total_steps=3", "batch_size=8", "eval_every=0", "log_every=1", "checkpoint_every=0", "eval_batch_size=32",
+            "data.options.num_train=64", "data.options.num_test=32", "model.depth=1", "model.hidden_size=32",
+            "model.num_heads=2", "model.mlp_dim=64"]
+    cmd = [sys.executable, "-m", "lfi_jax.demo", f"--workdir={out}"] + [f"--set={s}" for s in sets]
+    r = subprocess.run(cmd, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| vit |" in r.stdout and "| ivit |" in r.stdout, r.stdout
+    res = json.load(open(out / "results.json"))
+    assert res["regime"] == "shortcut" and set(res["summary"]) == {"vit", "ivit"}
+    for model in ("vit", "ivit"):
+        rows = [m for m in read_metrics(str(out / f"{model}_shortcut_seed0")) if "test_shifted/accuracy" in m]
+        assert rows[-1]["step"] == 3 and res["summary"][model]["test_shifted/accuracy"]["values"] == [rows[-1]["test_shifted/accuracy"]]
+    assert (out / "convergence.png").stat().st_size > 10_000
+    r = subprocess.run(cmd + ["--models=ivit"], cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0 and "step 1/3" not in r.stderr, r.stderr[-3000:]
+    mtime = os.path.getmtime(out / "ivit_shortcut_seed0" / "metrics.jsonl")
+    r = subprocess.run(cmd + ["--models=ivit", "--regime=clean"], cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "teacher_clean_seed0" / "manifest.json").exists() and (out / "ivit_clean_seed0").is_dir()
+    assert os.path.getmtime(out / "ivit_shortcut_seed0" / "metrics.jsonl") == mtime
