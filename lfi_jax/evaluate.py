@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 
 from lfi_jax.config import parse_value
+from lfi_jax.fileio import atomic_write, write_json_atomic
 
 log = logging.getLogger("lfi_jax.evaluate")
 
@@ -435,29 +436,6 @@ def format_report(m: dict[str, Any], title: str = "") -> str:
     return "\n".join(lines)
 
 
-def _umask() -> int:
-    m = os.umask(0)
-    os.umask(m)
-    return m
-
-
-def atomic_write(path: str, data: str | bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same directory + os.replace;
-    the file gets the usual permissions (umask), not mkstemp's 0600."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_figure(fig, path: str, dpi: int = 110) -> None:
     """Save a matplotlib figure as PNG atomically and close it."""
     import io
@@ -470,14 +448,6 @@ def save_figure(fig, path: str, dpi: int = 110) -> None:
     finally:
         plt.close(fig)
     atomic_write(path, buf.getvalue())
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    atomic_write(path, json.dumps(obj, indent=1) + "\n")
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    atomic_write(path, text)
 
 
 def parse_options(items: Sequence[str]) -> dict[str, Any]:
@@ -695,7 +665,7 @@ def _main_domains(argv: Sequence[str]) -> int:
     if a.out:
         cmd = "python -m lfi_jax.evaluate domains " + " ".join(argv)
         steps = ", ".join(f"{m} step {next(iter(res['results'][m].values()))['step']}" for m in res["models"])
-        write_text_atomic(a.out, f"Command: `{cmd}`\n\nCheckpoints: {steps}. Top-1 (%):\n\n" + text)
+        atomic_write(a.out, f"Command: `{cmd}`\n\nCheckpoints: {steps}. Top-1 (%):\n\n" + text)
         write_json_atomic(os.path.splitext(a.out)[0] + ".json", res)
         print(f"wrote {a.out} and {os.path.splitext(a.out)[0]}.json")
     return 0

@@ -54,7 +54,8 @@ import numpy as np
 
 from lfi_jax.config import ABLATIONS, load_config_file, set_ablation, set_key
 from lfi_jax.data.shortcut_digits import SPURIOUS_PRESETS as REGIMES
-from lfi_jax.evaluate import atomic_write, save_figure
+from lfi_jax.evaluate import save_figure
+from lfi_jax.fileio import atomic_write
 
 DEMO = "demo"
 DEFAULT_WORKDIR = os.path.join("workdirs", "experiments")
@@ -311,10 +312,6 @@ def finished_metrics(workdir: str, config) -> dict[str, float] | None:
     return out if all(k in out for k in metric_keys(config)) else None
 
 
-def write_atomic(path: str, text: str) -> None:
-    atomic_write(path, text)
-
-
 # --------------------------------------------------------------------------- running
 
 
@@ -351,7 +348,7 @@ def run_cells(cells: list[Cell], configs: list, workdir_root: str) -> list[dict[
             if final.get("preempted"):
                 raise SystemExit(f"{tag}: stopped by SIGTERM at step {final.get('step')}; re-run to resume")
             metrics = {k: float(v) for k, v in final.items() if k.endswith("/accuracy")}
-            write_atomic(info_path, json.dumps({"labels": cell.labels, "seed": cell.seed, "wall_s": wall, "metrics": metrics}, indent=1))
+            atomic_write(info_path, json.dumps({"labels": cell.labels, "seed": cell.seed, "wall_s": wall, "metrics": metrics}, indent=1))
             trained += 1
             rest = len(cells) - i - 1
             eta = (time.time() - t0) / trained * rest if rest else 0.0
@@ -620,7 +617,7 @@ def run_experiment(
         ]
     )
     os.makedirs(out, exist_ok=True)
-    write_atomic(os.path.join(out, f"{name}.md"), md)
+    atomic_write(os.path.join(out, f"{name}.md"), md)
     plot(name, summary, keys, os.path.join(out, f"{name}.png"), title, chance=1.0 / max(int(c0.model.num_classes), 1))
     payload = {
         "experiment": name,
@@ -635,7 +632,7 @@ def run_experiment(
         "cell_wall_s": cell_wall,
         "elapsed_s": elapsed,
     }
-    write_atomic(os.path.join(out, f"{name}.json"), json.dumps(payload, indent=1, default=str))
+    atomic_write(os.path.join(out, f"{name}.json"), json.dumps(payload, indent=1, default=str))
     print(md)
     _log(f"wrote {os.path.join(out, name)}.md, .png and .json")
     return payload

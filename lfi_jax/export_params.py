@@ -27,37 +27,13 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 from typing import Any
 
 import numpy as np
 
+from lfi_jax.fileio import atomic_write, write_json_atomic
+
 FORMATS = ("safetensors", "msgpack")
-
-
-def _atomic_write(path: str, write) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the file from other users
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _write_json(path: str, obj: Any) -> None:
-    def write(p):
-        with open(p, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    _atomic_write(path, write)
 
 
 def load_run_config(workdir: str, config: str | None = None):
@@ -133,16 +109,11 @@ def export(model, out: str, *, fmt: str = "safetensors", info: dict[str, Any] | 
         from flax import serialization
 
         blob = serialization.msgpack_serialize(flat_params(model))
-
-        def write(p):
-            with open(p, "wb") as f:
-                f.write(blob)
-
-        _atomic_write(os.path.join(out, "params.msgpack"), write)
+        atomic_write(os.path.join(out, "params.msgpack"), blob)
         cfg = dataclasses.asdict(model.cfg)
-        _write_json(os.path.join(out, "model_config.json"), cfg)
+        write_json_atomic(os.path.join(out, "model_config.json"), cfg, indent=2, sort_keys=True)
         files = ["params.msgpack", "model_config.json"]
-    _write_json(os.path.join(out, "export_info.json"), dict(format=fmt, **(info or {})))
+    write_json_atomic(os.path.join(out, "export_info.json"), dict(format=fmt, **(info or {})), indent=2, sort_keys=True)
     return files + ["export_info.json"]
 
 

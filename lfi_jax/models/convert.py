@@ -27,13 +27,13 @@ import json
 import math
 import os
 import re
-import tempfile
 from typing import Any, Mapping
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lfi_jax.fileio import atomic_write_with, write_json_atomic
 from lfi_jax.models.ivit import PRETRAINED_GATE_BIAS, ivit_config, ivit_from_vit
 from lfi_jax.models.vit import VARIANTS, ModelConfig, ViT, interpolate_pos_embed
 
@@ -186,19 +186,6 @@ def hf_config_dict(cfg: ModelConfig, *, id2label: Mapping[int, str] | None = Non
     return d
 
 
-def _atomic_write(path: str, write) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_hf(model: ViT, directory: str, *, id2label: Mapping[int, str] | None = None) -> None:
     """Write `config.json` + `model.safetensors` that transformers (and `load_hf_vit`) read.
 
@@ -210,14 +197,8 @@ def save_hf(model: ViT, directory: str, *, id2label: Mapping[int, str] | None = 
     os.makedirs(directory, exist_ok=True)
     tensors = to_hf_state_dict(model)
     config = hf_config_dict(model.cfg, id2label=id2label)
-    _atomic_write(os.path.join(directory, "model.safetensors"), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-
-    def write_json(p):
-        with open(p, "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    _atomic_write(os.path.join(directory, "config.json"), write_json)
+    atomic_write_with(os.path.join(directory, "model.safetensors"), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    write_json_atomic(os.path.join(directory, "config.json"), config, indent=2, sort_keys=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -695,7 +676,7 @@ def save_timm(model: ViT, path: str) -> None:
     from safetensors.numpy import save_file
 
     tensors = to_timm_state_dict(model)
-    _atomic_write(path, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write_with(path, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
 
 
 __all__ = [

@@ -26,7 +26,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 from array_record.python import array_record_module
 
+from lfi_jax.fileio import atomic_write_with
 from lfi_jax.teacher.types import Geometry, TeacherEntry
 
 FORMAT = "lfi-teacher-store"
@@ -65,20 +65,15 @@ def to_json_value(x: Any) -> Any:
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
-    """Write `obj` as JSON to `path` via a temporary file in the same directory + os.replace."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True, default=_json_default)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write `obj` as JSON (indent 1, sorted keys) to `path` atomically, fsynced before the
+    rename (`lfi_jax.fileio.atomic_write_with`)."""
+    text = json.dumps(obj, indent=1, sort_keys=True, default=_json_default) + "\n"
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    atomic_write_with(path, write, fsync=True)
 
 
 def _read_json(path: str) -> Any:
