@@ -5,7 +5,9 @@
 
 The model is split once (`nnx.split`) into a graph definition and a parameter state; the
 train step is a pure function of (state, batch) jitted with explicit shardings over a mesh of
-all devices, donating the state. Training resumes automatically from the latest checkpoint in
+all devices, donating the state. The steps trace under the mesh's abstract mesh
+(`jax.sharding.use_abstract_mesh`), so ops that need it (the Pallas attention, which runs per
+shard in a `jax.shard_map`) find it. Training resumes automatically from the latest checkpoint in
 WORKDIR/checkpoints; SIGTERM saves a checkpoint and exits cleanly.
 """
 
@@ -110,6 +112,7 @@ def make_train_step(graphdef, tx, lr_fn, trainable, config, mcfg, mesh):
 
         return jax.tree.map(split, batch)
 
+    @_under_mesh(mesh)
     def step(state, batch):
         params = state["params"]
         if accum == 1:
@@ -141,7 +144,28 @@ def optax_global_norm(tree):
     return optax.global_norm(tree)
 
 
-def make_eval_step(graphdef):
+def _under_mesh(mesh):
+    """Traces the decorated step with `mesh` as the abstract mesh in context: the Pallas
+    attention reads it (`jax.sharding.get_abstract_mesh`) to run per shard in a shard_map.
+    Unlike `jax.set_mesh` around the calls, this holds for every caller of the jitted step
+    (`.lower()` included) and leaves eagerly created arrays alone."""
+
+    def wrap(fn):
+        if mesh is None:
+            return fn
+
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                return fn(*args, **kwargs)
+
+        return inner
+
+    return wrap
+
+
+def make_eval_step(graphdef, mesh=None):
+    @_under_mesh(mesh)
     def step(params, batch):
         model = nnx.merge(graphdef, params)
         logits, _ = model(batch["image"])
@@ -178,7 +202,7 @@ def create_trainer(config, mcfg: ModelConfig, mesh, *, seed: int):
         donate_argnums=(0,),
     )
     eval_step = jax.jit(
-        make_eval_step(graphdef),
+        make_eval_step(graphdef, mesh),
         in_shardings=(state_shardings["params"], bsh),
         out_shardings=shd.replicated(mesh),
     )
