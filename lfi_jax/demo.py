@@ -10,7 +10,6 @@ WORKDIR/convergence.png. Finished runs are not redone: re-running only fills wha
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -18,6 +17,7 @@ import time
 import numpy as np
 
 from lfi_jax.config import load_config_file, set_key
+from lfi_jax.fileio import save_figure, write_json_atomic
 from lfi_jax.metrics import read_metrics, setup_logging
 
 MODELS = ("vit", "ivit")
@@ -145,8 +145,7 @@ def plot(results: dict[str, list[dict]], path: str, title: str, spurious_p: floa
     axes[0].legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv=None):
@@ -183,10 +182,7 @@ def main(argv=None):
                    "runs": {m: [{k: v for k, v in r.items() if isinstance(v, (int, float, str, bool))} for r in rs]
                             for m, rs in results.items()},
                    "wall_s": time.time() - t0}
-        tmp = os.path.join(FLAGS.workdir, "results.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, os.path.join(FLAGS.workdir, "results.json"))
+        write_json_atomic(os.path.join(FLAGS.workdir, "results.json"), payload, indent=2)
         print(f"\n{title} (total {time.time() - t0:.0f} s)\n")
         print(format_table(summary))
         print(f"\nwrote {FLAGS.workdir}/results.json and {FLAGS.workdir}/convergence.png")

@@ -436,20 +436,6 @@ def format_report(m: dict[str, Any], title: str = "") -> str:
     return "\n".join(lines)
 
 
-def save_figure(fig, path: str, dpi: int = 110) -> None:
-    """Save a matplotlib figure as PNG atomically and close it."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    try:
-        fig.savefig(buf, format="png", dpi=dpi)
-    finally:
-        plt.close(fig)
-    atomic_write(path, buf.getvalue())
-
-
 def parse_options(items: Sequence[str]) -> dict[str, Any]:
     out = {}
     for item in items:

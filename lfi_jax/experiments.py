@@ -54,8 +54,7 @@ import numpy as np
 
 from lfi_jax.config import ABLATIONS, load_config_file, set_ablation, set_key
 from lfi_jax.data.shortcut_digits import SPURIOUS_PRESETS as REGIMES
-from lfi_jax.evaluate import save_figure
-from lfi_jax.fileio import atomic_write
+from lfi_jax.fileio import atomic_write, save_figure
 
 DEMO = "demo"
 DEFAULT_WORKDIR = os.path.join("workdirs", "experiments")

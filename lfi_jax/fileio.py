@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_write_with", "write_json_atomic", "replace_doc_block"]
+__all__ = ["atomic_write", "atomic_write_with", "write_json_atomic", "save_figure", "replace_doc_block"]
 
 
 def _umask() -> int:
@@ -111,6 +111,20 @@ def _headings(lines: list[str]) -> list[tuple[int, int]]:
             if h:
                 out.append((i, len(h.group(1))))
     return out
+
+
+def save_figure(fig, path: str, dpi: int = 110) -> None:
+    """Save a matplotlib figure atomically (format from the extension, default PNG) and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format=os.path.splitext(path)[1].lstrip(".").lower() or "png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    atomic_write(path, buf.getvalue())
 
 
 def replace_doc_block(path: str | os.PathLike, section: str, body: str, marker: str) -> None:

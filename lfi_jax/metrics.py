@@ -8,6 +8,8 @@ import os
 import sys
 from typing import Any
 
+from lfi_jax.fileio import atomic_write
+
 
 def setup_logging(level: int = logging.INFO) -> None:
     """Our progress messages at `level` on stderr; library chatter (orbax, absl) at WARNING."""
@@ -65,11 +67,7 @@ class MetricWriter:
         if not self.enabled or not os.path.exists(self.path):
             return
         keep = [line for line in read_metrics(self.path) if line["step"] <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            for row in keep:
-                f.write(json.dumps(row) + "\n")
-        os.replace(tmp, self.path)
+        atomic_write(self.path, "".join(json.dumps(row) + "\n" for row in keep))
 
     def close(self) -> None:
         if self._tb is not None:

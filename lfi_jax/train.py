@@ -35,7 +35,7 @@ from lfi_jax.config import model_config, validate
 from lfi_jax.losses import alignment_loss, cross_entropy
 from lfi_jax.metrics import MetricWriter, format_eta, setup_logging
 from lfi_jax.models.vit import ModelConfig, ViT
-from lfi_jax.optim import make_optimizer, path_str
+from lfi_jax.optim import make_optimizer
 
 log = logging.getLogger("lfi_jax.train")
 

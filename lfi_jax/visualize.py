@@ -37,7 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from lfi_jax.evaluate import Run, eval_data_config, load_run, save_figure, write_json_atomic
+from lfi_jax.evaluate import Run, eval_data_config, load_run
+from lfi_jax.fileio import save_figure, write_json_atomic
 
 
 # --------------------------------------------------------------------------- attention maps

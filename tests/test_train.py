@@ -8,10 +8,8 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from lfi_jax import sharding as shd
 from lfi_jax.config import load_config_file, model_config

@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from transformers import ViTConfig, ViTForImageClassification, ViTModel
 
+from lfi_jax.fileio import atomic_write_with
+
 CONFIG_KEY = "lfi_interaction"
 
 
@@ -220,9 +222,7 @@ class IViTReference(nn.Module):
 
         for name, write in (("model.safetensors", lambda p: save_file(self.hf_state_dict(), p, metadata={"format": "pt"})),
                             ("config.json", write_json)):
-            tmp = os.path.join(directory, f".{name}.tmp")
-            write(tmp)
-            os.replace(tmp, os.path.join(directory, name))
+            atomic_write_with(os.path.join(directory, name), write)
 
     @classmethod
     def from_pretrained(cls, directory: str) -> "IViTReference":

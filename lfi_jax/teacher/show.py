@@ -14,12 +14,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
+
+from lfi_jax.fileio import save_figure
 
 
 def overlay(ax, image: np.ndarray, entry, *, alpha: float = 0.5, cmap: str = "jet", title: str | None = None):
@@ -117,18 +117,7 @@ def render(store, source, indices: Sequence[int], out: str, *, cols: int = 0, pa
     fig.suptitle(f"{store.manifest.get('backend', 'teacher')} maps"
                  + (f" ({model})" if model else "") + f", grid {list(store.grid)}", fontsize=9)
     fig.tight_layout()
-    out_dir = os.path.dirname(os.path.abspath(out))
-    os.makedirs(out_dir, exist_ok=True)
-    ext = os.path.splitext(out)[1].lstrip(".").lower() or "png"
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(out) + ".", suffix=".tmp", dir=out_dir)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format=ext, dpi=dpi)
-        os.replace(tmp, out)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_figure(fig, out, dpi=dpi)
     return out
 
 
