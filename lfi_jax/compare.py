@@ -63,7 +63,7 @@ def randomize(model, seed: int, *, only_new: bool = False) -> None:
     from flax import nnx
 
     rng = np.random.default_rng(seed)
-    flat = nnx.state(model, nnx.Param).flat_state()
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     for path, var in flat:
         names = [str(p) for p in path]
         shape, leaf = tuple(var.shape), names[-1]
@@ -87,7 +87,7 @@ def randomize(model, seed: int, *, only_new: bool = False) -> None:
         else:  # cls token, position embeddings
             new = rng.normal(0, 0.5, shape)
         var.set_value(jnp.asarray(new, jnp.float32))
-    nnx.update(model, nnx.State.from_flat_path(flat))
+    nnx.update(model, nnx.from_flat_state(flat))
 
 
 def make_inputs(cfg, batch: int, seed: int) -> dict[str, np.ndarray]:
@@ -134,7 +134,7 @@ def jax_side(model, inputs, *, align_weight: float = 1.0) -> dict[str, Any]:
     opts = {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
     step = jax.jit(nnx.value_and_grad(loss_fn, has_aux=True), compiler_options=opts)
     (loss, (logits, cls_attn)), grads = step(model)
-    flat = {tuple(p): np.asarray(v.get_value()) for p, v in grads.flat_state()}
+    flat = {tuple(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(grads)}
     return dict(
         logits=np.asarray(logits),
         cls_attn=None if cls_attn is None else np.asarray(cls_attn),

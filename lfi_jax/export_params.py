@@ -91,7 +91,7 @@ def flat_params(model) -> dict[str, np.ndarray]:
 
     return {
         "/".join(str(p) for p in path): np.asarray(v.get_value())
-        for path, v in nnx.state(model, nnx.Param).flat_state()
+        for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
     }
 
 
@@ -135,7 +135,7 @@ def load_exported(directory: str):
             flat = serialization.msgpack_restore(f.read())
         model = nnx.eval_shape(lambda: ViT(cfg, rngs=nnx.Rngs(0)))
         graphdef, abstract = nnx.split(model, nnx.Param)
-        expected = {"/".join(str(p) for p in path): v for path, v in abstract.flat_state()}
+        expected = {"/".join(str(p) for p in path): v for path, v in nnx.to_flat_state(abstract)}
         missing, unexpected = sorted(set(expected) - set(flat)), sorted(set(flat) - set(expected))
         bad = [k for k in expected if k in flat and tuple(flat[k].shape) != tuple(expected[k].get_value().shape)]
         if missing or unexpected or bad:
@@ -143,7 +143,7 @@ def load_exported(directory: str):
                 f"{directory}/params.msgpack does not fit model_config.json: missing {missing}, "
                 f"unexpected {unexpected}, mis-shaped {bad}"
             )
-        for path, v in abstract.flat_state():
+        for path, v in nnx.to_flat_state(abstract):
             v.set_value(jax.numpy.asarray(flat["/".join(str(p) for p in path)]))
         return nnx.merge(graphdef, abstract)
     from lfi_jax.models.convert import load_hf_vit

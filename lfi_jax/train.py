@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from flax import nnx
 
 from lfi_jax import sharding as shd
@@ -132,16 +133,11 @@ def make_train_step(graphdef, tx, lr_fn, trainable, config, mcfg, mesh):
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         params = jax.tree.map(lambda p, u: p + u.astype(p.dtype), params, updates)
         trainable_grads = jax.tree.map(lambda g, m: g if m else jnp.zeros((), g.dtype), grads, trainable)
-        metrics = dict(aux, loss=loss, grad_norm=optax_global_norm(trainable_grads), lr=lr_fn(state["step"]))
+        metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(trainable_grads), lr=lr_fn(state["step"]))
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     return step
 
-
-def optax_global_norm(tree):
-    import optax
-
-    return optax.global_norm(tree)
 
 
 def _under_mesh(mesh):

@@ -77,7 +77,7 @@ def _save(model, directory, fmt="safetensors"):
 
 
 def _flat(model):
-    return {tuple(p): np.asarray(v.get_value()) for p, v in nnx.state(model, nnx.Param).flat_state()}
+    return {tuple(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin", "module_names"])
@@ -282,12 +282,12 @@ def test_ivit_export_import_round_trip(tmp_path):
 
 def _set(model, fn):
     """Apply fn(path, value) -> new value (or None to keep) to every parameter."""
-    flat = nnx.state(model, nnx.Param).flat_state()
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     for path, var in flat:
         new = fn(tuple(str(p) for p in path), np.asarray(var.get_value()))
         if new is not None:
             var.set_value(jnp.asarray(new, jnp.float32))
-    nnx.update(model, nnx.State.from_flat_path(flat))
+    nnx.update(model, nnx.from_flat_state(flat))
 
 
 def test_ivit_from_vit_starts_as_the_vit(tmp_path):

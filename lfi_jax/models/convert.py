@@ -142,7 +142,7 @@ def flat_to_hf(flat: Mapping[Path, Any], *, headless: bool = False) -> dict[str,
 
 
 def _flat_params(model: ViT) -> dict[Path, Any]:
-    return {tuple(p): v.get_value() for p, v in nnx.state(model, nnx.Param).flat_state()}
+    return {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 def to_hf_state_dict(model: ViT) -> dict[str, np.ndarray]:
@@ -332,7 +332,7 @@ def _expected(cfg: ModelConfig) -> dict[str, tuple[Path, tuple]]:
     """{unprefixed HF name: (our path, torch-layout shape)} of an architecture (no allocation)."""
     abstract = nnx.eval_shape(lambda: ViT(cfg, rngs=nnx.Rngs(0)))
     out = {}
-    for path, var in nnx.state(abstract, nnx.Param).flat_state():
+    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
         path = tuple(path)
         out[hf_name(path)] = (path, _hf_shape(path, var.shape))
     return out
@@ -364,10 +364,10 @@ def _check_tensors(sd: Mapping[str, np.ndarray], cfg: ModelConfig, source: str, 
 def _build(cfg: ModelConfig, params: Mapping[Path, np.ndarray], seed: int) -> ViT:
     """A ViT of `cfg` whose parameters come from `params` (ours layout); others stay fresh."""
     abstract = nnx.eval_shape(lambda: ViT(cfg, rngs=nnx.Rngs(seed)))
-    complete = {tuple(p) for p, _ in nnx.state(abstract).flat_state()} <= set(params)
+    complete = {tuple(p) for p, _ in nnx.to_flat_state(nnx.state(abstract))} <= set(params)
     # With every variable given nothing needs initialising (no random init to compile/run).
     model = abstract if complete else ViT(cfg, rngs=nnx.Rngs(seed))
-    flat = nnx.state(model, nnx.Param).flat_state()
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     for path, var in flat:
         path = tuple(path)
         if path in params:
@@ -375,7 +375,7 @@ def _build(cfg: ModelConfig, params: Mapping[Path, np.ndarray], seed: int) -> Vi
             if tuple(value.shape) != tuple(var.shape):
                 raise CheckpointError(f"{'.'.join(map(str, path))}: {value.shape} vs model {var.shape}")
             var.set_value(jnp.asarray(np.asarray(value, np.float32), var.dtype))
-    nnx.update(model, nnx.State.from_flat_path(flat))
+    nnx.update(model, nnx.from_flat_state(flat))
     return model
 
 

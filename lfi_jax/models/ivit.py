@@ -98,9 +98,9 @@ def ivit_from_vit(vit: ViT, cfg: ModelConfig, *, seed: int = 0) -> ViT:
         if getattr(src, f) != getattr(cfg, f):
             raise ValueError(f"ivit_from_vit: model.{f} differs: ViT has {getattr(src, f)}, I-ViT config {getattr(cfg, f)}")
     model = ViT(cfg, rngs=nnx.Rngs(seed))
-    src_state = nnx.state(vit, nnx.Param).flat_state()
+    src_state = nnx.to_flat_state(nnx.state(vit, nnx.Param))
     dst_state = nnx.state(model, nnx.Param)
-    flat = dst_state.flat_state()
+    flat = nnx.to_flat_state(dst_state)
     src_map = {path: var for path, var in src_state}
     updates = {}
     for path, var in flat:
@@ -117,5 +117,5 @@ def ivit_from_vit(vit: ViT, cfg: ModelConfig, *, seed: int = 0) -> ViT:
     for path, var in flat:
         if path in updates:
             var.set_value(jnp.asarray(updates[path], var.dtype))
-    nnx.update(model, nnx.State.from_flat_path(flat))
+    nnx.update(model, nnx.from_flat_state(flat))
     return model
