@@ -43,28 +43,16 @@ def run_one(model: str, regime: str, seed: int, workdir: str, teacher_dir: str, 
 
 
 def build_teacher(regime: str, seed: int, teacher_dir: str, overrides: dict) -> None:
-    if os.path.exists(os.path.join(teacher_dir, "manifest.json")):
-        return
-    from lfi_jax.data.sources import get_source
-    from lfi_jax.teacher.export import export_store
+    """The oracle store of one seed's training split, shared by every model of that seed."""
+    from lfi_jax.train import build_auto_teacher
 
     config = load_config_file("demo", f"ivit,{regime}")
+    config.seed = seed
     config.data.options.seed = seed
     for key, value in overrides.items():
         if key.startswith("data.") or key.startswith("teacher."):
             set_key(config, key, value)
-    source = get_source(config.data.source, config.data.train_split, config.data.options.to_dict())
-    print(f"building the oracle teacher store ({len(source)} maps) in {teacher_dir}", file=sys.stderr, flush=True)
-    export_store(
-        source,
-        teacher_dir,
-        backend="oracle",
-        grid=int(config.teacher.grid),
-        blur=float(config.teacher.noise.blur),
-        shift=float(config.teacher.noise.shift),
-        uniform=float(config.teacher.noise.uniform),
-        seed=seed,
-    )
+    build_auto_teacher(config, teacher_dir, log_fn=lambda msg: print(msg, file=sys.stderr, flush=True))
 
 
 def first_step_reaching(rows: list[dict], key: str, target: float) -> int | None:

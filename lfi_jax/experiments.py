@@ -54,7 +54,7 @@ import numpy as np
 
 from lfi_jax.config import ABLATIONS, load_config_file, set_ablation, set_key
 from lfi_jax.data.shortcut_digits import SPURIOUS_PRESETS as REGIMES
-from lfi_jax.fileio import atomic_write, save_figure
+from lfi_jax.fileio import atomic_write, save_figure, write_json_atomic
 
 DEMO = "demo"
 DEFAULT_WORKDIR = os.path.join("workdirs", "experiments")
@@ -272,19 +272,15 @@ def ensure_teacher(config, root: str, log: Callable[[str], None]) -> None:
     """For an oracle-teacher cell with IC on: build (once) and point at the shared store."""
     if not config.model.interaction_constraint or config.teacher.store or config.teacher.auto != "oracle":
         return
-    from lfi_jax.data.sources import get_source
-    from lfi_jax.teacher.export import export_store
+    from lfi_jax.train import build_auto_teacher
 
     key = teacher_key(config)
     path = os.path.join(root, "teachers", hashlib.sha256(_canonical(key).encode()).hexdigest()[:10])
     if not os.path.exists(os.path.join(path, "manifest.json")):
-        log(f"building the oracle teacher store in {path} (noise {key['noise']})")
-        os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "key.json.tmp"), "w") as f:
-            json.dump(key, f, indent=1, sort_keys=True)
-        os.replace(os.path.join(path, "key.json.tmp"), os.path.join(path, "key.json"))
-        source = get_source(config.data.source, config.data.train_split, key["options"])
-        export_store(source, path, backend="oracle", grid=key["grid"], seed=key["seed"], data_spec=config.data.source, **key["noise"])
+        write_json_atomic(os.path.join(path, "key.json"), key, indent=1, sort_keys=True)
+        build_store = config.copy_and_resolve_references()
+        build_store.seed = key["seed"]  # noise-free maps do not depend on the seed: one store for all seeds
+        build_auto_teacher(build_store, path, log_fn=log)
     config.teacher.store = path
     config.teacher.auto = ""
 

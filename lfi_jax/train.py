@@ -223,6 +223,32 @@ def create_trainer(config, mcfg: ModelConfig, mesh, *, seed: int):
 # --------------------------------------------------------------------------- teacher + data
 
 
+def build_auto_teacher(config, out: str, *, log_fn: Callable[[str], None] | None = None) -> None:
+    """Export the teacher `config.teacher` describes (backend `teacher.auto`, default oracle;
+    its grid and noise, noise drawn with `config.seed`) for the train split into `out`,
+    unless a complete store is already there."""
+    if os.path.exists(os.path.join(out, "manifest.json")):
+        return
+    from lfi_jax.data.sources import get_source
+    from lfi_jax.teacher.export import export_store
+
+    t = config.teacher
+    backend = t.auto or "oracle"
+    (log_fn or log.info)(f"building the {backend} teacher store for {config.data.source}/{config.data.train_split} in {out}")
+    source = get_source(config.data.source, config.data.train_split, config.data.options.to_dict())
+    export_store(
+        source,
+        out,
+        backend=backend,
+        grid=int(t.grid),
+        blur=float(t.noise.blur),
+        shift=float(t.noise.shift),
+        uniform=float(t.noise.uniform),
+        seed=int(config.seed),
+        data_spec=config.data.source,
+    )
+
+
 def prepare_teacher(config, workdir: str) -> ml_collections.ConfigDict:
     """The teacher config the pipeline sees; builds the oracle store first if asked to."""
     teacher = ml_collections.ConfigDict(config.teacher.to_dict())
@@ -231,23 +257,9 @@ def prepare_teacher(config, workdir: str) -> ml_collections.ConfigDict:
         return teacher
     if teacher.store or not teacher.auto:
         return teacher
-    from lfi_jax.teacher.export import export_store
-    from lfi_jax.data.sources import get_source
-
     out = os.path.join(workdir, "teacher", config.data.train_split)
-    if jax.process_index() == 0 and not os.path.exists(os.path.join(out, "manifest.json")):
-        source = get_source(config.data.source, config.data.train_split, config.data.options.to_dict())
-        log.info("building the %s teacher store for %s/%s in %s", teacher.auto, config.data.source, config.data.train_split, out)
-        export_store(
-            source,
-            out,
-            backend=teacher.auto,
-            grid=int(teacher.grid),
-            blur=float(teacher.noise.blur),
-            shift=float(teacher.noise.shift),
-            uniform=float(teacher.noise.uniform),
-            seed=int(config.seed),
-        )
+    if jax.process_index() == 0:
+        build_auto_teacher(config, out)
     _barrier("teacher_store")
     teacher.store = out
     return teacher
