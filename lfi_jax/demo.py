@@ -68,14 +68,15 @@ def curves(run_dir: str, key: str) -> tuple[list[int], list[float]]:
 
 
 def summarise(results: dict[str, list[dict]]) -> dict:
-    """Mean/std per model, plus the convergence step vs the ViT's final test_iid accuracy."""
+    """Mean and sample std per model, plus the convergence step vs the ViT's final test_iid accuracy."""
     out = {}
     vit_final = {r["seed"]: r["test_iid/accuracy"] for r in results.get("vit", [])}
     for model, runs in results.items():
         entry = {}
         for key in ("test_iid/accuracy", "test_shifted/accuracy", "wall_s"):
             vals = np.array([r[key] for r in runs], np.float64)
-            entry[key] = {"mean": float(vals.mean()), "std": float(vals.std()), "values": vals.tolist()}
+            std = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0  # sample std, as in the experiment tables
+            entry[key] = {"mean": float(vals.mean()), "std": std, "values": vals.tolist()}
         steps = []
         for r in runs:
             target = vit_final.get(r["seed"])
@@ -120,7 +121,7 @@ def plot(results: dict[str, list[dict]], path: str, title: str, spurious_p: floa
                 ax.plot(steps, acc, "-o", ms=3, color=COLORS.get(model), alpha=0.8,
                         label=LABELS.get(model, model) if i == 0 else None)
         ax.axhline(chance, color="gray", ls=":", lw=1)
-        ax.text(0.99, chance, "chance", transform=ax.get_yaxis_transform(), ha="right", va="bottom", fontsize=8, color="gray")
+        ax.text(0.01, chance, "chance", transform=ax.get_yaxis_transform(), ha="left", va="top", fontsize=8, color="gray")
         if split == "test_iid" and spurious_p > 0:
             # What a model that reads only the background scores on test_iid.
             bg = spurious_p + (1 - spurious_p) * chance
