@@ -63,3 +63,28 @@ def alignment_loss_ref(agt_cls, teacher, mask=None, direction="teacher_student",
             per[i] += kl / L
     m = np.ones(b) if mask is None else np.asarray(mask, np.float64)
     return float((per * m).sum() / max(m.sum(), 1.0))
+
+
+def random_attention_inputs(rng, b, n, h, d, kind, *, hidden=4, dtype=None):
+    """Random (q, q2, k, v, gate) for interaction attention, and cotangent-like weights
+    (do [b, n, h, d], dagt [b, h, n]) for a scalar loss on both outputs. `kind`: "hidden"
+    (gate with `hidden` units), "linear" (gate_hidden=0) or anything else (no gate)."""
+    import jax.numpy as jnp
+
+    dtype = dtype or jnp.float32
+    f32 = jnp.float32
+    q, q2, k, v = (jnp.asarray(rng.normal(size=(b, n, h, d)), dtype) for _ in range(4))
+    if kind == "hidden":
+        gate = {
+            "w1": jnp.asarray(rng.normal(size=(h, 2, hidden)) * 0.7, f32),
+            "b1": jnp.asarray(rng.normal(size=(h, hidden)) * 0.5, f32),
+            "w2": jnp.asarray(rng.normal(size=(h, hidden, 2)) * 0.7, f32),
+            "b2": jnp.asarray(rng.normal(size=(h, 2)), f32),
+        }
+    elif kind == "linear":
+        gate = {"w2": jnp.asarray(rng.normal(size=(h, 2, 2)) * 0.7, f32), "b2": jnp.asarray(rng.normal(size=(h, 2)), f32)}
+    else:
+        gate = None
+    do = jnp.asarray(rng.normal(size=(b, n, h, d)), dtype)
+    dagt = jnp.asarray(rng.normal(size=(b, h, n)) * n, f32)  # agt entries are ~1/n
+    return (q, q2, k, v, gate), (do, dagt)

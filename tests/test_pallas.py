@@ -26,6 +26,7 @@ import pytest
 from lfi_jax.ops import interaction_attention
 from lfi_jax.ops.pallas import gate as gatelib
 from lfi_jax.ops.pallas import interaction_attention_pallas
+from reference_math import random_attention_inputs
 
 B, H = 1, 2
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 1.5e-2}
@@ -61,23 +62,7 @@ def _reference(q, q2, k, v, gate):
 
 
 def _inputs(n, d, dtype, kind, seed=0, hidden=4):
-    r = np.random.default_rng(seed)
-    q, q2, k, v = (jnp.asarray(r.normal(size=(B, n, H, d)), dtype) for _ in range(4))
-    f32 = jnp.float32
-    if kind == "hidden":
-        gate = {
-            "w1": jnp.asarray(r.normal(size=(H, 2, hidden)) * 0.7, f32),
-            "b1": jnp.asarray(r.normal(size=(H, hidden)) * 0.5, f32),
-            "w2": jnp.asarray(r.normal(size=(H, hidden, 2)) * 0.7, f32),
-            "b2": jnp.asarray(r.normal(size=(H, 2)), f32),
-        }
-    elif kind == "linear":
-        gate = {"w2": jnp.asarray(r.normal(size=(H, 2, 2)) * 0.7, f32), "b2": jnp.asarray(r.normal(size=(H, 2)), f32)}
-    else:
-        gate = None
-    do = jnp.asarray(r.normal(size=(B, n, H, d)), dtype)
-    dagt = jnp.asarray(r.normal(size=(B, H, n)) * n, jnp.float32)  # agt entries are ~1/n
-    return (q, q2, k, v, gate), (do, dagt)
+    return random_attention_inputs(np.random.default_rng(seed), B, n, H, d, kind, hidden=hidden, dtype=dtype)
 
 
 def _value_and_grads(fn, args, cts):

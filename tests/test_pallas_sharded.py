@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from lfi_jax import sharding as shd
 from lfi_jax.ops import interaction_attention
 from lfi_jax.ops.interaction_attention import shard_plan
+from reference_math import random_attention_inputs
 
 B, N, H, D, G = 8, 37, 4, 16, 3
 TOL = 2e-5  # max |x - ref| / max |ref|, float32 (pallas vs xla agree to ~1e-6)
@@ -33,24 +34,8 @@ def _mesh(axes, shape):
 
 
 def _inputs(kind, seed=0):
-    r = np.random.default_rng(seed)
-    q, q2, k, v = (jnp.asarray(r.normal(size=(B, N, H, D)), jnp.float32) for _ in range(4))
-    f32 = jnp.float32
-    if kind == "hidden":
-        gate = {
-            "w1": jnp.asarray(r.normal(size=(H, 2, G)) * 0.7, f32),
-            "b1": jnp.asarray(r.normal(size=(H, G)) * 0.5, f32),
-            "w2": jnp.asarray(r.normal(size=(H, G, 2)) * 0.7, f32),
-            "b2": jnp.asarray(r.normal(size=(H, 2)), f32),
-        }
-    elif kind == "linear":
-        gate = {"w2": jnp.asarray(r.normal(size=(H, 2, 2)) * 0.7, f32), "b2": jnp.asarray(r.normal(size=(H, 2)), f32)}
-    else:
-        gate = None
-    # Fixed weights for a scalar loss with cotangents on both outputs.
-    wo = jnp.asarray(r.normal(size=(B, N, H, D)), f32)
-    wc = jnp.asarray(r.normal(size=(B, H, N)) * N, f32)
-    return (q, q2, k, v, gate), (wo, wc)
+    """Inputs, and fixed weights for a scalar loss with cotangents on both outputs."""
+    return random_attention_inputs(np.random.default_rng(seed), B, N, H, D, kind, hidden=G)
 
 
 def _fn(impl, weights):
