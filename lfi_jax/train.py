@@ -13,6 +13,7 @@ WORKDIR/checkpoints; SIGTERM saves a checkpoint and exits cleanly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -137,7 +138,6 @@ def make_train_step(graphdef, tx, lr_fn, trainable, config, mcfg, mesh):
         return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
 
     return step
-
 
 
 def _under_mesh(mesh):
@@ -385,45 +385,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if start >= total:  # already finished: report the final evaluation again
         final.update(evaluate_splits(trainer, state["params"], config, teacher_cfg))
     t_last, n_last, t_start = time.time(), start, time.time()
-    try:
-        with _Preemption() as preempt:
-            step = start
-            while step < total:
-                batch = next(train_iter)
-                state, metrics = trainer.train_step(state, shd.global_batch(batch, mesh))
-                step += 1
-                is_last = step == total
-                if (config.log_every and step % config.log_every == 0) or is_last:
-                    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    now = time.time()
-                    m["examples_per_sec"] = (step - n_last) * config.batch_size / max(now - t_last, 1e-9)
-                    t_last, n_last = now, step
-                    writer.write(step, m)
-                    if is_main:
-                        eta = (now - t_start) / max(step - start, 1) * (total - step)
-                        print(
-                            f"[{config.get('name', 'train')}] step {step}/{total} loss {m['loss']:.4f} "
-                            f"(task {m['task_loss']:.4f} align {m['align_loss']:.4f}) "
-                            f"{m['examples_per_sec']:.0f} ex/s ETA {format_eta(eta)}",
-                            file=sys.stderr,
-                            flush=True,
-                        )
-                    final.update(m)
-                if (config.eval_every and step % config.eval_every == 0) or is_last:
-                    ev = evaluate_splits(trainer, state["params"], config, teacher_cfg)
-                    writer.write(step, ev)
-                    final.update(ev)
-                    if is_main:
-                        print(f"[{config.get('name', 'train')}] step {step} " + " ".join(f"{k} {v:.4f}" for k, v in ev.items() if k.endswith("accuracy")), file=sys.stderr, flush=True)
-                if (config.checkpoint_every and step % config.checkpoint_every == 0) or is_last or preempt.requested:
-                    ckpt.save(step, state, train_iter, force=True)
-                if preempt.requested:
-                    log.warning("stopped at step %d after SIGTERM; checkpoint saved", step)
-                    break
-    finally:  # async checkpoint writes finish (nothing saved is lost), prefetch threads stop
-        ckpt.close()
-        writer.close()
-        getattr(train_iter, "close", lambda: None)()
+    with contextlib.ExitStack() as cleanup, _Preemption() as preempt:
+        # On any exit: async checkpoint writes finish (nothing saved is lost), prefetch threads stop.
+        cleanup.callback(getattr(train_iter, "close", lambda: None))
+        cleanup.callback(writer.close)
+        cleanup.callback(ckpt.close)
+        step = start
+        while step < total:
+            batch = next(train_iter)
+            state, metrics = trainer.train_step(state, shd.global_batch(batch, mesh))
+            step += 1
+            is_last = step == total
+            if (config.log_every and step % config.log_every == 0) or is_last:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.time()
+                m["examples_per_sec"] = (step - n_last) * config.batch_size / max(now - t_last, 1e-9)
+                t_last, n_last = now, step
+                writer.write(step, m)
+                if is_main:
+                    eta = (now - t_start) / max(step - start, 1) * (total - step)
+                    print(
+                        f"[{config.get('name', 'train')}] step {step}/{total} loss {m['loss']:.4f} "
+                        f"(task {m['task_loss']:.4f} align {m['align_loss']:.4f}) "
+                        f"{m['examples_per_sec']:.0f} ex/s ETA {format_eta(eta)}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                final.update(m)
+            if (config.eval_every and step % config.eval_every == 0) or is_last:
+                ev = evaluate_splits(trainer, state["params"], config, teacher_cfg)
+                writer.write(step, ev)
+                final.update(ev)
+                if is_main:
+                    print(f"[{config.get('name', 'train')}] step {step} " + " ".join(f"{k} {v:.4f}" for k, v in ev.items() if k.endswith("accuracy")), file=sys.stderr, flush=True)
+            if (config.checkpoint_every and step % config.checkpoint_every == 0) or is_last or preempt.requested:
+                ckpt.save(step, state, train_iter, force=True)
+            if preempt.requested:
+                log.warning("stopped at step %d after SIGTERM; checkpoint saved", step)
+                break
     final["step"] = step
     final["preempted"] = bool(preempt.requested)
     return final
