@@ -1,20 +1,215 @@
-"""Config helpers: the defaults every experiment starts from, and typed, validated views.
+"""Config helpers: the defaults every experiment starts from, overrides, and start-up checks.
 
 Experiment files in `configs/` build on `base_config()` and override what they change; the
-command line overrides with `--config.a.b=value` (ml_collections config_flags), and a key that
-does not exist is an error. `validate(config)` runs once at start and names any bad key.
+command line overrides with `--config.a.b=value` (`lfi_jax.cli.add_config_flags`), through
+`set_key`, which refuses a key that does not exist (naming the nearest valid keys) and coerces
+the text to the existing value's type. `validate(config)` runs once at start and names any bad key.
+
+Override values are Python literals (`1`, `0.5`, `True`, `'x'`), or else taken as a string.
+Tuples: `--config.data.eval_splits="('val',)"` (a literal; mind the shell quotes) or the comma
+form `--config.data.eval_splits=val,test`; a single value for a tuple key becomes a one-element
+tuple (`--config.data.eval_splits=val`), and an empty value the empty tuple. Booleans also accept
+true/false/yes/no/on/off/1/0. New keys are accepted only under `data.options` (the data
+source checks its own options).
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import difflib
 import importlib.util
 import os
 from typing import Any
 
 import ml_collections
 
+from lfi_jax.errors import ConfigKeyError, UserError
 from lfi_jax.models.vit import VARIANTS, ModelConfig, variant
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value: a Python literal (1, 0.5, (1, 2), True, 'x') or else the string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
+
+
+def parse_tuple(text: str) -> tuple:
+    """A tuple override: a literal ("('val',)", "(0.5, 1.0)") or the comma form ("val,test")."""
+    value = parse_value(text)
+    if isinstance(value, (tuple, list)):
+        return tuple(value)
+    if isinstance(value, str):
+        return tuple(parse_value(t.strip()) for t in value.split(",") if t.strip())
+    return (value,)
+
+
+def config_keys(config, prefix: str = "") -> list[str]:
+    """Every dotted key of `config`, inner nodes included ("data", "data.source", ...)."""
+    out = []
+    for k in config.keys():
+        dotted = f"{prefix}{k}"
+        out.append(dotted)
+        v = config[k]
+        if isinstance(v, ml_collections.ConfigDict):
+            out.extend(config_keys(v, dotted + "."))
+    return out
+
+
+def nearest_keys(config, dotted: str, n: int = 3) -> list[str]:
+    """The valid keys nearest to an unknown `dotted` key: the same leaf name elsewhere, its
+    initials ("learning_rate" -> "lr"), similar spellings, else the closest keys under the
+    deepest parent that exists."""
+    parts = dotted.split(".")
+    ancestors = {".".join(parts[:i]) for i in range(1, len(parts))}
+    keys = [k for k in config_keys(config) if k not in ancestors and k != dotted]
+    leaf = parts[-1]
+    initials = "".join(w[0] for w in leaf.split("_") if w)
+
+    def leaf_of(k: str) -> str:
+        return k.rsplit(".", 1)[-1]
+
+    out = [k for k in keys if leaf_of(k) == leaf]
+    if len(initials) > 1:
+        out += [k for k in keys if leaf_of(k) == initials]
+    out += difflib.get_close_matches(dotted, keys, n=n, cutoff=0.6)
+    if len(out) < n:
+        parent = ""
+        for p in parts[:-1]:
+            if not any(k.startswith(f"{parent}{p}.") for k in keys):
+                break
+            parent = f"{parent}{p}."
+        siblings = [k for k in keys if k.startswith(parent) and "." not in k[len(parent) :]]
+        out += difflib.get_close_matches(dotted, siblings, n=n, cutoff=0.0)
+    return list(dict.fromkeys(out))[:n]
+
+
+def unknown_key_error(config, dotted: str, context: str = "") -> ConfigKeyError:
+    near = nearest_keys(config, dotted)
+    hint = f"; nearest valid keys: {', '.join(near)}" if near else ""
+    return ConfigKeyError(f"unknown config key {dotted!r}{context}{hint}")
+
+
+def _coerce(old: Any, value: Any, dotted: str) -> Any:
+    """`value` (often the override's text) as the type of the key's current value `old`."""
+
+    def fail(expected: str) -> UserError:
+        return UserError(f"config key {dotted!r}: cannot set {value!r} (expected {expected}, like the current {old!r})")
+
+    if isinstance(old, tuple) and isinstance(value, str):
+        return parse_tuple(value)
+    if isinstance(old, bool):
+        if isinstance(value, str):
+            if value.strip().lower() in _TRUE:
+                return True
+            if value.strip().lower() in _FALSE:
+                return False
+            raise fail("a boolean")
+        if isinstance(value, bool) or (isinstance(value, (int, float)) and value in (0, 1)):
+            return bool(value)
+        raise fail("a boolean")
+    if isinstance(value, str) and not isinstance(old, str):
+        value = parse_value(value)
+    if isinstance(old, int) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and float(value).is_integer():
+            return int(value)
+        raise fail("an integer")
+    if isinstance(old, float) and not isinstance(value, bool):
+        if isinstance(value, (int, float)):
+            return float(value)
+        raise fail("a number")
+    if isinstance(old, tuple) and isinstance(value, list):
+        return tuple(value)
+    if isinstance(old, tuple) and not isinstance(value, tuple):
+        return (value,)
+    if isinstance(old, ml_collections.ConfigDict) and isinstance(value, dict):
+        return ml_collections.ConfigDict(value)
+    return value
+
+
+def set_key(config, dotted: str, value: Any) -> None:
+    """config[a][b] = value for dotted "a.b", coerced to the existing value's type.
+
+    An unknown key is a `ConfigKeyError` (a KeyError) naming it and the nearest valid keys; a
+    value of the wrong type is a `UserError` naming the key. New keys are allowed only under
+    `data.options` (source options are the source's business; it rejects unknown ones itself).
+    """
+    node = config
+    *parents, leaf = dotted.split(".")
+    for i, p in enumerate(parents):
+        if not isinstance(node, ml_collections.ConfigDict) or p not in node:
+            raise unknown_key_error(config, dotted, f" ({'.'.join(parents[: i + 1])!r} does not exist)")
+        node = node[p]
+    if not isinstance(node, ml_collections.ConfigDict):
+        raise unknown_key_error(config, dotted, f" ({'.'.join(parents)!r} is not a group of keys)")
+    if leaf not in node:
+        if parents != ["data", "options"]:
+            raise unknown_key_error(config, dotted)
+        node[leaf] = parse_value(value) if isinstance(value, str) else value
+        return
+    value = _coerce(node[leaf], value, dotted)
+    try:
+        node[leaf] = value
+    except (TypeError, ValueError) as e:
+        raise UserError(f"config key {dotted!r}: cannot set {value!r} ({e})") from None
+
+
+def split_config_spec(spec: str) -> tuple[str, str | None]:
+    """"configs/demo.py:ivit,runlocal" -> ("configs/demo.py", "ivit,runlocal"); "demo:vit" ->
+    ("demo", "vit"); no ":" -> (spec, None)."""
+    if ".py:" in spec:
+        path, _, arg = spec.partition(".py:")
+        return path + ".py", arg
+    if ":" in spec and not spec.endswith(".py"):
+        name, _, arg = spec.partition(":")
+        return name, arg
+    return spec, None
+
+
+def load_config_file(name_or_path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of `configs/<name>.py` (or of a path to a config file).
+
+    A file that does not exist, does not import, has no `get_config`, or refuses `arg` is a
+    `UserError` (FileNotFoundError for a missing file) naming the file and the argument.
+    """
+    path = name_or_path if name_or_path.endswith(".py") else os.path.join(CONFIG_DIR, f"{name_or_path}.py")
+    if not os.path.exists(path) and not os.path.isabs(path):
+        bundled = os.path.join(CONFIG_DIR, os.path.relpath(path, "configs"))
+        if path.startswith("configs" + os.sep) and os.path.exists(bundled):
+            path = bundled
+    if not os.path.isfile(path):
+        known = sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py")) if os.path.isdir(CONFIG_DIR) else []
+        hint = f" (bundled configs: {', '.join(known)})" if known else ""
+        raise FileNotFoundError(f"config file not found: {path}{hint}")
+    spec = importlib.util.spec_from_file_location(f"lfi_config_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise UserError(f"config file {path} does not load: {type(e).__name__}: {e}") from e
+    if not callable(getattr(module, "get_config", None)):
+        raise UserError(f"config file {path} defines no get_config()")
+    where = f"{path}:{arg}" if arg is not None else path
+    try:
+        return module.get_config(arg) if arg is not None else module.get_config()
+    except (UserError, ValueError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise UserError(f"config {where}: {msg}") from e
+    except TypeError as e:
+        raise UserError(f"config {where}: get_config refused the argument: {e}") from e
+
+
+# --------------------------------------------------------------------------- defaults
 
 
 def model_fields(name: str, **overrides: Any) -> dict[str, Any]:
@@ -110,20 +305,6 @@ PAPER_FREEZE = (".*",)
 PAPER_TRAINABLE = (r".*interaction_query.*", r".*/gate/.*", r"^classifier/.*")
 
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
-
-
-def load_config_file(name_or_path: str, arg: str | None = None) -> ml_collections.ConfigDict:
-    """`get_config(arg)` of `configs/<name>.py` (or of a path to a config file)."""
-    path = name_or_path if name_or_path.endswith(".py") else os.path.join(CONFIG_DIR, f"{name_or_path}.py")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"config file not found: {path}")
-    spec = importlib.util.spec_from_file_location(f"lfi_config_{os.path.basename(path)[:-3]}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg is not None else module.get_config()
-
-
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     """The typed ModelConfig of `config.model`; unknown keys are errors naming the key."""
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -161,7 +342,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.model.image_size={mcfg.image_size} differs from config.data.image_size={config.data.image_size}"
         )
     if len(config.mesh.axes) != len(config.mesh.shape):
-        raise ValueError(f"config.mesh.axes {config.mesh.axes} and config.mesh.shape {config.mesh.shape} differ in length")
+        raise ValueError(
+            f"config.mesh.axes {config.mesh.axes} and config.mesh.shape {config.mesh.shape} differ in length"
+        )
     if mcfg.interaction_constraint and not (config.teacher.store or config.teacher.auto):
         raise ValueError(
             "config.model.interaction_constraint is on but no teacher is configured: "
@@ -204,48 +387,21 @@ def set_ablation(config, name: str) -> None:
     config.model.gated_control = gc
 
 
-__all__ = ["ABLATIONS", "load_config_file", "parse_arg", "set_ablation", "PAPER_FREEZE", "PAPER_TRAINABLE", "VARIANTS", "base_config", "model_config", "model_fields", "validate"]
-
-
-def parse_value(text: str) -> Any:
-    """A command-line value: a Python literal (1, 0.5, (1, 2), True, 'x') or else the string."""
-    import ast
-
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def set_key(config, dotted: str, value: Any) -> None:
-    """config[a][b] = value for dotted "a.b"; an unknown key is an error naming it.
-
-    New keys are allowed only under `data.options` (source options are the source's business;
-    it rejects unknown ones itself). The value is coerced to the existing value's type.
-    """
-    node = config
-    *parents, leaf = dotted.split(".")
-    for i, p in enumerate(parents):
-        if p not in node:
-            raise KeyError(f"unknown config key {'.'.join(parents[: i + 1])!r} (in override {dotted}={value!r})")
-        node = node[p]
-    if leaf not in node:
-        if parents != ["data", "options"]:
-            raise KeyError(f"unknown config key {dotted!r}")
-        node[leaf] = parse_value(value) if isinstance(value, str) else value
-        return
-    old = node[leaf]
-    if isinstance(value, str) and not isinstance(old, str):
-        value = parse_value(value)
-    if isinstance(old, bool):
-        value = bool(value)
-    elif isinstance(old, int) and not isinstance(value, bool) and isinstance(value, (int, float)) and float(value).is_integer():
-        value = int(value)
-    elif isinstance(old, float) and isinstance(value, (int, float)):
-        value = float(value)
-    elif isinstance(old, tuple) and isinstance(value, list):
-        value = tuple(value)
-    try:
-        node[leaf] = value
-    except TypeError as e:
-        raise TypeError(f"config key {dotted!r}: cannot set {value!r} ({e})") from None
+__all__ = [
+    "ABLATIONS",
+    "CONFIG_DIR",
+    "PAPER_FREEZE",
+    "PAPER_TRAINABLE",
+    "VARIANTS",
+    "base_config",
+    "load_config_file",
+    "model_config",
+    "model_fields",
+    "parse_arg",
+    "parse_tuple",
+    "parse_value",
+    "set_ablation",
+    "set_key",
+    "split_config_spec",
+    "validate",
+]
