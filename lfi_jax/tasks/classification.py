@@ -1,0 +1,143 @@
+"""Image classification with ViT / I-ViT: cross-entropy + the CLS-row alignment loss (SPEC
+section 2), top-1 accuracy per eval split. The trainer's `Task` for `config.task = "classification"`."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from lfi_jax.config import model_config
+from lfi_jax.data.pipeline import make_eval_iterator, make_train_iterator
+from lfi_jax.data.sources import get_source
+from lfi_jax.losses import alignment_loss, cross_entropy
+from lfi_jax.models.vit import ModelConfig, ViT
+from lfi_jax.tasks import Task
+
+EVAL_KEYS = ("image", "label", "valid")
+
+
+def new_model(mcfg: ModelConfig, seed: int) -> ViT:
+    return ViT(mcfg, rngs=nnx.Rngs(seed))
+
+
+def load_model(config: ml_collections.ConfigDict, mcfg: ModelConfig, seed: int) -> ViT | None:
+    """The model initialised from `config.init.hf` / `config.init.timm`, or None for a fresh one."""
+    if not (config.init.hf or config.init.timm):
+        return None
+    from lfi_jax.models import convert  # transformers-free, but large: only when a checkpoint is named
+    from lfi_jax.models.ivit import PRETRAINED_GATE_BIAS, ivit_from_vit
+
+    if config.init.hf:
+        vit, _ = convert.load_hf_vit(config.init.hf, image_size=mcfg.image_size, num_classes=mcfg.num_classes)
+    else:
+        vit, _ = convert.load_timm_vit(config.init.timm, image_size=mcfg.image_size, num_classes=mcfg.num_classes)
+    if mcfg.interaction_queries:
+        bias = mcfg.gate_bias_init if tuple(mcfg.gate_bias_init) != (0.0, 0.0) else PRETRAINED_GATE_BIAS
+        return ivit_from_vit(vit, dataclasses.replace(mcfg, gate_bias_init=tuple(bias)), seed=seed)
+    return ivit_from_vit(vit, mcfg, seed=seed)  # same architecture: copies every tensor
+
+
+def build_model(config: ml_collections.ConfigDict, mcfg: ModelConfig, *, seed: int) -> ViT:
+    """A fresh model, or one initialised from a Hugging Face / timm ViT checkpoint."""
+    model = load_model(config, mcfg, seed)
+    return new_model(mcfg, seed) if model is None else model
+
+
+def loss(model: ViT, batch, config) -> tuple[Any, dict[str, Any]]:
+    logits, aux = model(batch["image"])
+    task = cross_entropy(logits, batch["label"], label_smoothing=config.loss.label_smoothing)
+    if model.cfg.interaction_constraint:
+        align = alignment_loss(
+            aux["cls_attn"],
+            batch["teacher"],
+            batch["teacher_mask"],
+            direction=config.loss.align_direction,
+            eps=config.loss.align_eps,
+        )
+    else:
+        align = jnp.zeros((), jnp.float32)
+    total = task + config.loss.align_weight * align
+    acc = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
+    return total, {"task_loss": task, "align_loss": align, "train_accuracy": acc}
+
+
+def eval_step(model: ViT, batch) -> dict[str, Any]:
+    logits, _ = model(batch["image"])
+    return {"pred": jnp.argmax(logits, -1).astype(jnp.int32), "label": batch["label"], "valid": batch["valid"]}
+
+
+def evaluate(config, split: str, outputs: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
+    """Top-1 accuracy over the valid rows of one pass over `split`."""
+    correct = count = 0
+    for out in outputs:
+        valid = np.asarray(out["valid"]) > 0
+        correct += int(np.sum((np.asarray(out["pred"]) == np.asarray(out["label"])) & valid))
+        count += int(np.sum(valid))
+    return {f"{split}/accuracy": correct / max(count, 1), f"{split}/count": count}
+
+
+def train_iterator(config, mcfg: ModelConfig, teacher, *, seed: int, process_index: int = 0, process_count: int = 1):
+    return make_train_iterator(
+        config.data,
+        teacher,
+        global_batch_size=config.batch_size,
+        patch_size=mcfg.patch_size,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+    )
+
+
+class _Keys:
+    """A re-iterable view of an eval iterable keeping only the leaves the eval step reads."""
+
+    def __init__(self, it, keys):
+        self._it, self._keys = it, keys
+
+    def __iter__(self):
+        for batch in self._it:
+            yield {k: batch[k] for k in self._keys}
+
+
+def eval_iterator(config, mcfg: ModelConfig, split: str, *, process_index: int = 0, process_count: int = 1):
+    teacher = ml_collections.ConfigDict(config.teacher.to_dict())
+    teacher.store = ""  # evaluation reads no teacher maps
+    it = make_eval_iterator(
+        config.data,
+        teacher,
+        split,
+        global_batch_size=config.eval_batch_size,
+        patch_size=mcfg.patch_size,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    return _Keys(it, EVAL_KEYS)
+
+
+def source(config, split: str):
+    """The data source of `split` as the pipeline opens it (the train split with `data.data_ratio`)."""
+    opts = config.data.options.to_dict()
+    if split == config.data.train_split and float(config.data.data_ratio) != 1.0:
+        opts["data_ratio"] = float(config.data.data_ratio)
+    return get_source(config.data.source, split, opts)
+
+
+TASK = Task(
+    name="classification",
+    model_config=model_config,
+    new_model=new_model,
+    load_model=load_model,
+    loss=loss,
+    eval_step=eval_step,
+    evaluate=evaluate,
+    train_iterator=train_iterator,
+    eval_iterator=eval_iterator,
+    source=source,
+    summary_keys=("accuracy",),
+)
