@@ -21,7 +21,8 @@ transformers = pytest.importorskip("transformers")
 from PIL import Image, ImageDraw  # noqa: E402
 
 from lfi_jax.teacher import llava_conv as conv  # noqa: E402
-from lfi_jax.teacher.llava import LlavaTeacher, export_backend  # noqa: E402
+from lfi_jax.teacher.llava import LlavaTeacher  # noqa: E402
+from lfi_jax.teacher.llava_export import export_backend  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_llava import build_tiny_llava  # noqa: E402
@@ -373,13 +374,15 @@ def test_cli_unreadable_image(tiny, tmp_path, capsys):
     rc = export.main(["--teacher=llava", f"--model={tiny}", f"--data=imagefolder:{data}",
                       f"--out={tmp_path / 'store'}", "--device=cpu"])
     err = capsys.readouterr().err
-    assert rc == 1
+    assert rc == 2  # lfi_jax.cli: a user error exits 2
     assert "example cat/broken.png" in err and "cannot decode" in err
 
 
 def test_shards_resume_and_other_model(tiny, tmp_path, monkeypatch):
+    import dataclasses
+
     from lfi_jax.data.sources import get_source
-    from lfi_jax.teacher import llava
+    from lfi_jax.teacher import export, llava_export
     from lfi_jax.teacher.export import export_store
 
     src = get_source(f"imagefolder:{_image_folder(tmp_path / 'imgs')}", "train")
@@ -390,7 +393,7 @@ def test_shards_resume_and_other_model(tiny, tmp_path, monkeypatch):
     parts = export_store(src, str(tmp_path / "parts"), "llava", shard_size=2, shard="1/2", progress=False, **opts)
     assert parts.manifest["content_hash"] == full.manifest["content_hash"]
     # A killed export (dies in its second shard) resumes to the same store.
-    real, calls = llava.export_backend, []
+    real, calls = llava_export.export_backend, []
 
     def dies_on_second(source, indices, options):
         calls.append(list(indices))
@@ -398,10 +401,11 @@ def test_shards_resume_and_other_model(tiny, tmp_path, monkeypatch):
             raise KeyboardInterrupt("killed")
         return real(source, indices, options)
 
-    monkeypatch.setattr(llava, "export_backend", dies_on_second)
+    registered = export.BACKENDS["llava"]
+    monkeypatch.setitem(export.BACKENDS, "llava", dataclasses.replace(registered, export=dies_on_second))
     with pytest.raises(KeyboardInterrupt):
         export_store(src, str(tmp_path / "resumed"), "llava", shard_size=2, progress=False, **opts)
-    monkeypatch.setattr(llava, "export_backend", real)
+    monkeypatch.setitem(export.BACKENDS, "llava", registered)
     resumed = export_store(src, str(tmp_path / "resumed"), "llava", shard_size=2, progress=False, **opts)
     assert resumed.manifest["content_hash"] == full.manifest["content_hash"]
     for eid in full.ids():

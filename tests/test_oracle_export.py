@@ -1,5 +1,6 @@
 """Oracle teacher maps (area pooling, boxes, noise) and the export (resume, --shard, CLI)."""
 
+import dataclasses
 import json
 import math
 import os
@@ -182,6 +183,11 @@ class FakeSource:
         return d
 
 
+def _use_backend(monkeypatch, name, fn):
+    """Backends hold function references: swap the export function in the registry."""
+    monkeypatch.setitem(export.BACKENDS, name, dataclasses.replace(export.BACKENDS[name], export=fn))
+
+
 def _entries(store):
     return {k: store[k] for k in store.ids()}
 
@@ -198,7 +204,7 @@ def test_export_store_matches_oracle_and_resumes(tmp_path, monkeypatch):
         return real(source, indices, options)
 
     crash = {"on": True}
-    monkeypatch.setattr(oracle, "export_backend", counting)
+    _use_backend(monkeypatch, "oracle", counting)
     out = str(tmp_path / "s")
     kw = dict(shard_size=5, progress=False, grid=4, blur=0.5, seed=1)
     with pytest.raises(RuntimeError, match="killed"):
@@ -243,7 +249,7 @@ def test_backend_with_wrong_ids_fails(tmp_path, monkeypatch):
     def bad(source, indices, options):
         return [(f"other/{i}", oracle_entry(source[i], options)) for i in indices]
 
-    monkeypatch.setattr(oracle, "export_backend", bad)
+    _use_backend(monkeypatch, "oracle", bad)
     with pytest.raises(ValueError, match=r"missing e\.g\. \['fake/train/0'.*unexpected e\.g\. \['other/0'"):
         export_store(FakeSource(), str(tmp_path), shard_size=4, progress=False)
     with pytest.raises(ValueError, match="unknown teacher backend 'nope'"):
@@ -290,7 +296,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     capsys.readouterr()
     assert export.main(cmd) == 0
     assert "3 of this worker's 3 shards already done" in capsys.readouterr().err
-    assert export.main([*cmd[:-1], "--noise_uniform=0.3"]) == 1
+    assert export.main([*cmd[:-1], "--noise_uniform=0.3"]) == 2  # lfi_jax.cli: a user error exits 2
     assert "manifest.teacher.noise.uniform: store has 0.2, this export has 0.3" in capsys.readouterr().err
-    assert export.main([c.replace("canvas=24", "canvas=32") for c in cmd]) == 1
+    assert export.main([c.replace("canvas=24", "canvas=32") for c in cmd]) == 2
     assert "manifest.data_options.canvas" in capsys.readouterr().err

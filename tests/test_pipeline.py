@@ -13,10 +13,10 @@ N_TRAIN, N_TEST, PATCH = 64, 37, 6
 class FakeStore:
     """In-memory stand-in with the TeacherStore interface used by the pipeline."""
 
-    def __init__(self, entries, data="shortcut_digits", split="train", grid=(7, 7)):
+    def __init__(self, entries, data="shortcut_digits", split="train", grid=(7, 7), data_options=None):
         self.entries = dict(entries)
         self.grid = tuple(grid)
-        self.manifest = {"data": data, "split": split, "grid": list(grid)}
+        self.manifest = {"data": data, "split": split, "grid": list(grid), "data_options": dict(data_options or {})}
         self.path = "<memory>"
 
     def __getitem__(self, example_id):
@@ -47,7 +47,7 @@ def _oracle_store(split="train", n=N_TRAIN, grid=(7, 7), drop=()):
         if ex["id"] in drop:
             continue
         entries[ex["id"]] = TeacherEntry(area_pool(ex["mask"], grid), Geometry.full_image(*ex["mask"].shape))
-    return FakeStore(entries, split=split, grid=grid)
+    return FakeStore(entries, split=split, grid=grid, data_options={"num_train": n, "num_test": n})
 
 
 def _cfg(**data_overrides):
@@ -191,6 +191,9 @@ def test_store_for_another_source_or_split_is_refused():
 
 def test_teacher_for_another_image_size_is_refused_naming_the_id():
     store = _oracle_store()
+    # a store whose manifest says canvas 40 but whose maps are for 48x48 images (no fingerprints):
+    # the per-example geometry check names the example
+    store.manifest["data_options"]["canvas"] = 40
     data, teacher = _cfg(options=ConfigDict(dict(num_train=N_TRAIN, canvas=40)))
     it = make_train_iterator(data, teacher, global_batch_size=16, patch_size=PATCH, seed=0, store=store)
     with pytest.raises(ValueError, match=r"shortcut_digits/train/\d+.*\(48, 48\)"):

@@ -32,6 +32,8 @@ import numpy as np
 
 from lfi_jax.data.sources import get_source
 from lfi_jax.data.transforms import Augment, transform_example
+from lfi_jax.teacher.provenance import check_compatible, image_fingerprint
+from lfi_jax.teacher.store import TeacherStore
 from lfi_jax.teacher.types import TeacherEntry
 
 log = logging.getLogger(__name__)
@@ -68,8 +70,6 @@ class TeacherLookup:
     @property
     def store(self) -> Any:
         if self._store is None:
-            from lfi_jax.teacher.store import TeacherStore
-
             self._store = TeacherStore(self.path)
         return self._store
 
@@ -91,35 +91,38 @@ class TeacherLookup:
             )
         return store[example_id]
 
+    def image_fingerprint(self, example_id: str) -> str | None:
+        """The fingerprint of the image the store's map was made from (None if not recorded)."""
+        get = getattr(self.store, "image_fingerprint", None)
+        return get(example_id) if get is not None else None
+
     def missing_ids(self, source) -> list[str]:
         store = self.store
         return [eid for eid in (source.example_id(i) for i in range(len(source))) if eid not in store]
 
 
 def build_teacher_lookup(
-    teacher_cfg: Any, data_spec: str, split: str, *, store: Any = None, source=None
+    teacher_cfg: Any, data_spec: str, split: str, *, store: Any = None, source=None, options: Any = None
 ) -> TeacherLookup | None:
     """The teacher join for (data_spec, split), or None without a teacher.
 
-    `store` (a store-like object) overrides `teacher_cfg.store` (a path). The store's manifest
-    must match the source (`check_compatible`); with a `source`, every example must have a map
-    unless `teacher_cfg.allow_missing` (then the count of missing maps is logged).
+    `store` (a store-like object) overrides `teacher_cfg.store` (a path). The store must have
+    been built from this data (`lfi_jax.teacher.provenance.check_compatible`: source kind,
+    split, the options that change the images, not paths; `options` default to the source's);
+    with a `source`, every example must have a map unless `teacher_cfg.allow_missing` (then the
+    count of missing maps is logged).
     """
     path = str(_get(teacher_cfg, "store", "") or "")
     allow_missing = bool(_get(teacher_cfg, "allow_missing", False))
     if store is None and not path:
         return None
     lookup = TeacherLookup(store, path=path if store is None else "", allow_missing=allow_missing)
-    lookup.store.check_compatible(data_spec, split)
-    if source is not None:
-        missing = lookup.missing_ids(source)
-        if missing and not allow_missing:
-            raise KeyError(
-                f"teacher store {path or lookup.store!r} lacks maps for {len(missing)} of {len(source)} examples of "
-                f"{data_spec}/{split}, e.g. {missing[:3]} (set config.teacher.allow_missing=True to mask them out)"
-            )
-        if missing:
-            log.warning("teacher store %s: %d of %d examples have no map (masked out)", path, len(missing), len(source))
+    missing = check_compatible(
+        lookup.store, source, spec=data_spec, split=split, options=options,
+        allow_missing=allow_missing if source is not None else None,
+    )
+    if missing:
+        log.warning("teacher store %s: %d of %d examples have no map (masked out)", path, len(missing), len(source))
     return lookup
 
 
@@ -163,11 +166,8 @@ class _Prepare:
         if not 0 <= label < self.num_classes:
             raise ValueError(f"example {eid!r}: label {label} outside [0, {self.num_classes})")
         entry = self.lookup.get(eid) if self.lookup is not None else None
-        if entry is not None and tuple(entry.geometry.image_hw) != tuple(image.shape[:2]):
-            raise ValueError(
-                f"example {eid!r}: teacher geometry is for a {tuple(entry.geometry.image_hw)} image, "
-                f"the source gives {tuple(image.shape[:2])} (a store built with other data options?)"
-            )
+        if entry is not None:
+            self._check_same_image(eid, image, entry)
         rng = np.random.default_rng([self.seed, int(epoch), int(index)]) if self.augment is not None else None
         out = transform_example(
             image,
@@ -183,6 +183,21 @@ class _Prepare:
         if self.return_index:
             out["index"] = np.int64(index)
         return out
+
+
+    def _check_same_image(self, eid: str, image: np.ndarray, entry: TeacherEntry) -> None:
+        want = self.lookup.image_fingerprint(eid)
+        where = self.lookup.path or getattr(self.lookup.store, "path", "")
+        if want is not None and image_fingerprint(image) != want:
+            raise ValueError(
+                f"example {eid!r}: the image changed after teacher store {where} was exported (its content "
+                f"fingerprint differs, now {image.shape[0]}x{image.shape[1]}); re-export the store for the current data"
+            )
+        if tuple(entry.geometry.image_hw) != tuple(image.shape[:2]):
+            raise ValueError(
+                f"example {eid!r}: teacher geometry is for a {tuple(entry.geometry.image_hw)} image, the source gives "
+                f"{tuple(image.shape[:2])} (the image was resized after the export, or a store built from other data)"
+            )
 
 
 class _TrainElement:
@@ -298,11 +313,14 @@ def make_train_iterator(
     """
     b = _local_batch(global_batch_size, process_index, process_count, "batch_size")
     grid = _grid(data_cfg, patch_size)
-    source = get_source(data_cfg.source, data_cfg.train_split, _options(data_cfg, train=True))
+    options = _options(data_cfg, train=True)
+    source = get_source(data_cfg.source, data_cfg.train_split, options)
     n = len(source)
     if n == 0:
         raise ValueError(f"data source {data_cfg.source}/{data_cfg.train_split} is empty")
-    lookup = build_teacher_lookup(teacher_cfg, data_cfg.source, data_cfg.train_split, store=store, source=source)
+    lookup = build_teacher_lookup(
+        teacher_cfg, data_cfg.source, data_cfg.train_split, store=store, source=source, options=options
+    )
     prepare = _Prepare(
         source,
         lookup,
@@ -340,9 +358,10 @@ def make_eval_iterator(
     """
     b = _local_batch(global_batch_size, process_index, process_count, "eval_batch_size")
     grid = _grid(data_cfg, patch_size)
-    source = get_source(data_cfg.source, split, _options(data_cfg, train=False))
+    options = _options(data_cfg, train=False)
+    source = get_source(data_cfg.source, split, options)
     n = len(source)
-    lookup = build_teacher_lookup(teacher_cfg, data_cfg.source, split, store=store, source=source)
+    lookup = build_teacher_lookup(teacher_cfg, data_cfg.source, split, store=store, source=source, options=options)
     prepare = _Prepare(
         source,
         lookup,
@@ -364,15 +383,9 @@ def num_eval_batches(num_examples: int, global_batch_size: int) -> int:
     return math.ceil(num_examples / global_batch_size)
 
 
-def example_grid(data_cfg: Any, patch_size: int) -> tuple[int, int]:
-    """The student's patch grid (gh, gw) for `data_cfg.image_size`."""
-    return _grid(data_cfg, patch_size)
-
-
 __all__ = [
     "TeacherLookup",
     "build_teacher_lookup",
-    "example_grid",
     "make_eval_iterator",
     "make_train_iterator",
     "num_eval_batches",

@@ -93,6 +93,21 @@ def resolve_spurious_p(value: Any) -> float:
     return p
 
 
+def image_options(split: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The options that decide split `split`'s images and their number, defaults filled in and
+    normalised (a preset name becomes its spurious_p), as JSON data."""
+    opts = {**DEFAULTS, **{k: v for k, v in dict(options or {}).items() if v is not None}}
+    out = {
+        "spurious_p": resolve_spurious_p(opts["spurious_p"]),
+        "canvas": int(opts["canvas"]),
+        "seed": int(opts["seed"]),
+        "scale_range": [float(x) for x in opts["scale_range"]],
+    }
+    key = "num_train" if split == "train" else "num_test"
+    out[key] = int(opts[key])
+    return out
+
+
 # --------------------------------------------------------------------------- resampling
 
 
@@ -374,6 +389,7 @@ __all__ = [
     "SPURIOUS_PRESETS",
     "ShortcutDigits",
     "digit_pool",
+    "image_options",
     "resolve_spurious_p",
     "texture",
 ]

@@ -17,14 +17,16 @@ a larger one's), as in the paper's 1/10/50/100 % training-data experiments.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from lfi_jax.data.shortcut_digits import ShortcutDigits
+from lfi_jax.data.shortcut_digits import image_options as shortcut_digits_image_options
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 GENERIC_OPTIONS = ("data_ratio", "subset_seed")
@@ -291,6 +293,7 @@ class TFDSSource:
         self._image_key = options.get("image_key", "image")
         self._label_key = options.get("label_key", "label")
         self._tfds_name = tfds_name
+        self.options = dict(options)
         builder = tfds.builder(tfds_name, data_dir=options.get("data_dir"))
         self._src = tfds.data_source(tfds_name, split=split, data_dir=options.get("data_dir"))
         label = builder.info.features[self._label_key]
@@ -349,6 +352,10 @@ class SubsetSource:
         self.name, self.split, self.class_names = base.name, base.split, base.class_names
         self.data_ratio = data_ratio
 
+    @property
+    def options(self) -> dict[str, Any]:
+        return source_options(self.base)
+
     def __len__(self) -> int:
         return len(self.indices)
 
@@ -372,18 +379,71 @@ class SubsetSource:
 # --------------------------------------------------------------------------- entry point
 
 
+@dataclasses.dataclass(frozen=True)
+class SourceKind:
+    """One kind of data source (the part of a spec before ':').
+
+    build: (arg, split, options, spec) -> DataSource, with the generic options removed.
+    arg: "" (the spec takes no argument), "PATH" (a directory: where the data lies, not what it
+      is, so never compared between a teacher store and a run) or "NAME" (part of its identity).
+    image_options: (split, options) -> the options that change the images or which examples
+      the split holds, defaults filled in (what a teacher store's compatibility check compares);
+      None: every option except the generic ones and `path_options`.
+    path_options: options that only say where the data lies (e.g. tfds' data_dir).
+    """
+
+    build: Callable[[str, str, dict[str, Any], str], Any]
+    arg: str = ""
+    image_options: Callable[[str, Mapping[str, Any]], dict[str, Any]] | None = None
+    path_options: tuple[str, ...] = ()
+
+    def identity_options(self, split: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+        opts = {k: v for k, v in dict(options or {}).items() if k not in GENERIC_OPTIONS}
+        if self.image_options is not None:
+            return self.image_options(split, opts)
+        return {k: v for k, v in opts.items() if k not in self.path_options}
+
+
+def _build_shortcut_digits(arg: str, split: str, opts: dict[str, Any], spec: str):
+    return ShortcutDigits(split, opts, name=spec)
+
+
+def _build_imagefolder(arg: str, split: str, opts: dict[str, Any], spec: str):
+    _no_options("imagefolder", opts)
+    return ImageFolder(os.path.expanduser(arg), split, name=spec)
+
+
+def _build_tinyimagenet(arg: str, split: str, opts: dict[str, Any], spec: str):
+    _no_options("tinyimagenet", opts)
+    return TinyImageNet(os.path.expanduser(arg), split, name=spec)
+
+
+def _build_tfds(arg: str, split: str, opts: dict[str, Any], spec: str):
+    return TFDSSource(arg, split, opts, name=spec)
+
+
+SOURCE_KINDS: dict[str, SourceKind] = {
+    "shortcut_digits": SourceKind(_build_shortcut_digits, "", shortcut_digits_image_options),
+    "imagefolder": SourceKind(_build_imagefolder, "PATH"),
+    "tinyimagenet": SourceKind(_build_tinyimagenet, "PATH"),
+    "tfds": SourceKind(_build_tfds, "NAME", path_options=("data_dir",)),
+}
+
+
+def _spec_help() -> str:
+    forms = [k if not v.arg else f"{k}:{v.arg}" for k, v in SOURCE_KINDS.items()]
+    return ", ".join(forms[:-1]) + " or " + forms[-1] if len(forms) > 1 else forms[0]
+
+
 def parse_spec(spec: str) -> tuple[str, str]:
     """'kind:arg' -> (kind, arg); 'shortcut_digits' -> ('shortcut_digits', '')."""
     kind, _, arg = str(spec).partition(":")
-    kinds = ("shortcut_digits", "imagefolder", "tinyimagenet", "tfds")
-    if kind not in kinds:
-        raise ValueError(
-            f"data.source={spec!r}: expected shortcut_digits, imagefolder:PATH, tinyimagenet:PATH or tfds:NAME"
-        )
-    if kind == "shortcut_digits" and arg:
-        raise ValueError(f"data.source={spec!r}: shortcut_digits takes no argument (use data.options)")
-    if kind != "shortcut_digits" and not arg:
-        raise ValueError(f"data.source={spec!r}: {kind} needs an argument ({kind}:{'NAME' if kind == 'tfds' else 'PATH'})")
+    if kind not in SOURCE_KINDS:
+        raise ValueError(f"data.source={spec!r}: expected {_spec_help()}")
+    if not SOURCE_KINDS[kind].arg and arg:
+        raise ValueError(f"data.source={spec!r}: {kind} takes no argument (use data.options)")
+    if SOURCE_KINDS[kind].arg and not arg:
+        raise ValueError(f"data.source={spec!r}: {kind} needs an argument ({kind}:{SOURCE_KINDS[kind].arg})")
     return kind, arg
 
 
@@ -393,16 +453,7 @@ def get_source(spec: str, split: str, options: Mapping[str, Any] | None = None) 
     ratio = float(opts.pop("data_ratio", 1.0))
     subset_seed = int(opts.pop("subset_seed", 0))
     kind, arg = parse_spec(spec)
-    if kind == "shortcut_digits":
-        src = ShortcutDigits(split, opts, name=spec)
-    elif kind == "imagefolder":
-        _no_options("imagefolder", opts)
-        src = ImageFolder(os.path.expanduser(arg), split, name=spec)
-    elif kind == "tinyimagenet":
-        _no_options("tinyimagenet", opts)
-        src = TinyImageNet(os.path.expanduser(arg), split, name=spec)
-    else:
-        src = TFDSSource(arg, split, opts, name=spec)
+    src = SOURCE_KINDS[kind].build(arg, split, opts, spec)
     if ratio != 1.0:
         labels = getattr(src, "labels", None)
         idx = subset_indices(None if labels is None else labels(), len(src), ratio, subset_seed)
@@ -410,16 +461,24 @@ def get_source(spec: str, split: str, options: Mapping[str, Any] | None = None) 
     return src
 
 
+def source_options(source) -> dict[str, Any]:
+    """The options a source was built with (resolved where the source records them)."""
+    return dict(getattr(source, "options", None) or {})
+
+
 __all__ = [
     "DataSource",
     "IMAGE_EXTENSIONS",
     "ImageFolder",
+    "SOURCE_KINDS",
     "ShortcutDigits",
+    "SourceKind",
     "SubsetSource",
     "TFDSSource",
     "TinyImageNet",
     "decode_image",
     "get_source",
     "parse_spec",
+    "source_options",
     "subset_indices",
 ]

@@ -4,15 +4,22 @@
       --out=/tmp/teacher/train --grid=7 [--noise_blur=1 --noise_shift=0 --noise_uniform=0] \\
       [--data_option num_train=2000 ...] [--shard_size=1024] [--shard=i/n]
 
-Backends are a registry (`BACKENDS`): each names, as "module:attribute" strings imported only
-when used, an export function `(source, indices, options) -> [(example_id, TeacherEntry)]`,
-a provenance function `options -> dict` (recorded in the manifest and compared when an export
-resumes) and an options table `{name: (default, help)}` from which the CLI makes one flag per
-option (`--noise_blur` etc. for the oracle's blur/shift/uniform, `--<name>` otherwise).
+Backends (`BACKENDS`) hold function references: an export function `(source, indices,
+options) -> [(example_id, TeacherEntry)]`, a provenance function `options -> dict` (recorded in
+the manifest and compared when an export resumes), a precheck `options -> dict` (the part of
+the provenance known without loading the teacher, compared with an existing store before a
+VLM is loaded) and an options table `{name: (default, help)}` from which the CLI makes one
+flag per option (`--noise_blur` etc. for the oracle's blur/shift/uniform, `--<name>` otherwise).
+torch and transformers are imported only when the llava teacher is built.
+
+The manifest records what identifies the data (`data_identity`: kind, name, split, the options
+that change the images; never a path) and the index each example's image fingerprint, so a
+run can check the store fits its data (lfi_jax/teacher/provenance.py).
 
 A re-run skips finished shards; a killed run loses at most the shard in flight. With
 `--shard=i/n` this process exports only shards with index % n == i; whichever process finishes
-the last shard writes the manifest. Progress goes to stderr, a JSON summary to stdout.
+the last shard writes the manifest. Progress goes to stderr, a JSON summary to stdout; Ctrl-C
+ends with one line saying how many shards are saved (a re-run continues from there).
 """
 
 from __future__ import annotations
@@ -20,40 +27,41 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import importlib
 import json
+import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from lfi_jax.teacher.store import StoreWriter, TeacherStore, to_json_value
+from lfi_jax.cli import run_cli
+from lfi_jax.data.sources import get_source
+from lfi_jax.errors import UserError
+from lfi_jax.teacher import llava_export, oracle
+from lfi_jax.teacher.progress import log_line
+from lfi_jax.teacher.provenance import data_identity, image_fingerprint
+from lfi_jax.teacher.records import describe, diff_keys, read_json
+from lfi_jax.teacher.store import EXPORT, MANIFEST, StoreWriter, TeacherStore, to_json_value
 
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
-    export: str  # "module:function", (source, indices, options) -> [(id, TeacherEntry)]
-    provenance: str  # "module:function", options -> dict
-    options: str  # "module:ATTRIBUTE", {name: (default, help)}
+    export: Callable[..., list]  # (source, indices, options) -> [(id, TeacherEntry)]
+    provenance: Callable[[Mapping[str, Any]], dict]  # options -> dict (recorded in the manifest)
+    options: Mapping[str, tuple[Any, str]]  # {name: (default, help)}
+    precheck: Callable[[Mapping[str, Any]], dict] | None = None  # options -> provenance keys known before loading
     takes_progress: bool = False  # export() reads options["progress"] (its own progress bar)
 
 
 BACKENDS: dict[str, Backend] = {
-    "oracle": Backend(
-        "lfi_jax.teacher.oracle:export_backend", "lfi_jax.teacher.oracle:provenance", "lfi_jax.teacher.oracle:OPTIONS"
-    ),
+    "oracle": Backend(oracle.export_backend, oracle.provenance, oracle.OPTIONS, precheck=oracle.provenance),
     "llava": Backend(
-        "lfi_jax.teacher.llava:export_backend", "lfi_jax.teacher.llava:provenance", "lfi_jax.teacher.llava:TEACHER_OPTIONS",
-        takes_progress=True,
+        llava_export.export_backend, llava_export.provenance, llava_export.TEACHER_OPTIONS,
+        precheck=llava_export.precheck, takes_progress=True,
     ),
 }
 # option name -> CLI flag name, where they differ
 FLAG_NAMES = {"blur": "noise_blur", "shift": "noise_shift", "uniform": "noise_uniform"}
-
-
-def _resolve(ref: str) -> Any:
-    module, _, attr = ref.partition(":")
-    return getattr(importlib.import_module(module), attr)
 
 
 def get_backend(name: str) -> Backend:
@@ -77,9 +85,57 @@ def _fmt_time(s: float) -> str:
     return str(datetime.timedelta(seconds=round(s))) if s == s and s != float("inf") else "?"
 
 
-def _log(msg: str) -> None:
-    sys.stderr.write(msg + "\n")
-    sys.stderr.flush()
+class ExportInterrupted(KeyboardInterrupt):
+    """Ctrl-C during an export; the message says what was saved."""
+
+
+class _Fingerprinting:
+    """The source as a backend sees it, recording the fingerprint of each image it reads."""
+
+    def __init__(self, source):
+        self._source = source
+        self._seen: dict[int, str] = {}
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name in ("_source", "_seen"):
+            raise AttributeError(name)
+        return getattr(self._source, name)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict:
+        ex = self._source[index]
+        if isinstance(ex, Mapping) and "image" in ex:
+            self._seen[int(index)] = image_fingerprint(ex["image"])
+        return ex
+
+    def fingerprint(self, index: int) -> str | None:
+        fp = self._seen.pop(int(index), None)
+        if fp is None:  # the backend did not read it (a backend that needs no image)
+            ex = self._source[index]
+            fp = image_fingerprint(ex["image"]) if "image" in ex else None
+        return fp
+
+
+def _precheck(out: str, partial: Mapping[str, Any], num_examples: int, shard_size: int) -> None:
+    """Refuse, before the teacher is loaded, an export whose known settings differ from the
+    store already at `out` (the writer repeats the full check once the provenance is known)."""
+    export_file, manifest_file = os.path.join(out, EXPORT), os.path.join(out, MANIFEST)
+    mine = {"num_examples": int(num_examples), "shard_size": int(shard_size), "manifest": to_json_value(dict(partial))}
+    if os.path.isfile(export_file):
+        old = read_json(export_file)
+    elif os.path.isfile(manifest_file):
+        m = read_json(manifest_file)
+        old = {"num_examples": m.get("num_examples"), "shard_size": m.get("shard_size"), "manifest": m}
+    else:
+        return
+    diffs = [d for d in diff_keys(old, mine) if d[2] != "<absent>"]
+    if diffs:
+        raise ValueError(
+            f"teacher store {out} was exported with other settings; refusing to mix them "
+            f"(use another --out or delete the store): {describe(diffs, 'store has', 'this export has')}"
+        )
 
 
 def export_store(
@@ -97,62 +153,74 @@ def export_store(
     """Export `backend`'s maps for every example of `source` into the store at `out`.
 
     `options` go to the backend (oracle: grid, geometry, target, blur, shift, uniform, seed).
-    `data_spec` (default `source.name`) and `data_options` are recorded in the manifest.
-    Returns the opened store once all shards exist, or None when shards of other `shard`
-    workers are still missing.
+    `data_spec` (default `source.name`) and `data_options` are recorded in the manifest, with
+    the data's identity; each image's fingerprint goes to the index. Returns the opened store
+    once all shards exist, or None when shards of other `shard` workers are still missing.
+    Settings that differ from a store already at `out` are refused before the teacher loads.
     """
     b = get_backend(backend)
     part, nparts = parse_shard(shard)
     t_start = time.perf_counter()
-    prov = _resolve(b.provenance)(options)
     recorded = dict(getattr(source, "options", None) or {})
     recorded.update(data_options or {})
+    spec = data_spec or source.name
     manifest = {
         "backend": backend,
-        "teacher": prov,
-        "data": data_spec or source.name,
+        "data": spec,
         "split": source.split,
         "data_options": to_json_value(recorded),
+        "data_identity": data_identity(spec, source.split, recorded).to_json(),
         "class_names": list(getattr(source, "class_names", []) or []),
     }
+    known = b.precheck(options) if b.precheck is not None else {}
+    _precheck(out, {**manifest, "teacher": known}, len(source), shard_size)
+    manifest["teacher"] = b.provenance(options)
     writer = StoreWriter(out, manifest, num_examples=len(source), shard_size=shard_size)
     mine = [i for i in range(writer.num_shards) if i % nparts == part]
     todo = [i for i in mine if not writer.shard_done(i)]
     if progress and len(todo) < len(mine):
-        _log(f"export {out}: {len(mine) - len(todo)} of this worker's {len(mine)} shards already done, skipping them")
-    export_fn = _resolve(b.export) if todo else None
+        log_line(f"export {out}: {len(mine) - len(todo)} of this worker's {len(mine)} shards already done, skipping them")
     total = sum(len(writer.shard_range(i)) for i in todo)
     done, t0 = 0, time.perf_counter()
-    for k, i in enumerate(todo):
-        idx = list(writer.shard_range(i))
-        records = list(export_fn(source, idx, {**options, "progress": progress} if b.takes_progress else options))
-        expected = [source.example_id(j) for j in idx]
-        by_id = dict(records)
-        if len(by_id) != len(records) or set(by_id) != set(expected):
-            extra = sorted(set(by_id) - set(expected))[:3]
-            missing = sorted(set(expected) - set(by_id))[:3]
-            raise ValueError(
-                f"teacher backend {backend!r} returned {len(records)} entries for shard {i} of {out} "
-                f"({len(expected)} examples); missing e.g. {missing}, unexpected e.g. {extra}"
-            )
-        writer.write_shard(i, [(eid, by_id[eid]) for eid in expected])
-        done += len(idx)
-        if progress:
-            dt = time.perf_counter() - t0
-            rate = done / dt if dt > 0 else float("inf")
-            eta = (total - done) / rate if rate > 0 else float("inf")
-            _log(
-                f"export {out}: shard {i + 1}/{writer.num_shards} written ({k + 1}/{len(todo)} this run), "
-                f"{done}/{total} examples, {rate:.1f} ex/s, ETA {_fmt_time(eta)}"
-            )
+    seen = _Fingerprinting(source)
+    try:
+        for k, i in enumerate(todo):
+            idx = list(writer.shard_range(i))
+            records = list(b.export(seen, idx, {**options, "progress": progress} if b.takes_progress else options))
+            expected = [source.example_id(j) for j in idx]
+            by_id = dict(records)
+            if len(by_id) != len(records) or set(by_id) != set(expected):
+                extra = sorted(set(by_id) - set(expected))[:3]
+                missing = sorted(set(expected) - set(by_id))[:3]
+                raise ValueError(
+                    f"teacher backend {backend!r} returned {len(records)} entries for shard {i} of {out} "
+                    f"({len(expected)} examples); missing e.g. {missing}, unexpected e.g. {extra}"
+                )
+            fingerprints = [seen.fingerprint(j) for j in idx]
+            writer.write_shard(i, [(eid, by_id[eid]) for eid in expected], fingerprints=fingerprints)
+            done += len(idx)
+            if progress:
+                dt = time.perf_counter() - t0
+                rate = done / dt if dt > 0 else float("inf")
+                eta = (total - done) / rate if rate > 0 else float("inf")
+                log_line(
+                    f"export {out}: shard {i + 1}/{writer.num_shards} written ({k + 1}/{len(todo)} this run), "
+                    f"{done}/{total} examples, {rate:.1f} ex/s, ETA {_fmt_time(eta)}"
+                )
+    except KeyboardInterrupt:
+        saved = writer.num_shards - len(writer.missing_shards())
+        raise ExportInterrupted(
+            f"export {out}: {saved} of {writer.num_shards} shards saved ({done} examples this run); "
+            "re-run the same command to continue"
+        ) from None
     missing = writer.missing_shards()
     if missing:
         if progress:
-            _log(f"export {out}: {len(missing)} shards still missing (other --shard workers?); manifest not written yet")
+            log_line(f"export {out}: {len(missing)} shards still missing (other --shard workers?); manifest not written yet")
         return None
     manifest = writer.finalize()
     if progress:
-        _log(
+        log_line(
             f"export {out}: complete, {manifest['count']} maps ({manifest['degenerate_count']} degenerate), "
             f"grid {manifest['grid']}, {_fmt_time(time.perf_counter() - t_start)}"
         )
@@ -222,7 +290,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, d
     p = _base_parser(add_help=True)
     if first.teacher not in BACKENDS:
         p.error(f"--teacher={first.teacher!r}: expected one of {sorted(BACKENDS)}")
-    table = _resolve(get_backend(first.teacher).options)
+    table = get_backend(first.teacher).options
     group = p.add_argument_group(f"{first.teacher} teacher options")
     for name, (default, help_text) in table.items():
         flag = FLAG_NAMES.get(name, name)
@@ -241,15 +309,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, d
     return args, options
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: Sequence[str], status: dict[str, str]) -> int:
     args, options = parse_args(argv)
     try:
-        from lfi_jax.data.sources import get_source
-
         data_options = parse_data_options(args.data_option)
         source = get_source(args.data, args.split, data_options)
         if not args.quiet:
-            _log(f"export {args.out}: {args.teacher} teacher, {args.data}/{args.split}, {len(source)} examples")
+            log_line(f"export {args.out}: {args.teacher} teacher, {args.data}/{args.split}, {len(source)} examples")
         store = export_store(
             source,
             args.out,
@@ -261,15 +327,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.quiet,
             **options,
         )
-    except (ValueError, FileNotFoundError, ImportError, IndexError, KeyError) as e:
-        _log(f"export: error: {e}")
-        return 1
+    except ExportInterrupted as e:
+        status["note"] = str(e)
+        raise
+    except (ImportError, IndexError) as e:  # a missing optional dependency, a bad index: the user's to fix
+        raise UserError(f"export {args.out}: {e}") from None
     summary: dict[str, Any] = {"out": args.out, "complete": store is not None}
     if store is not None:
         m = store.manifest
         summary.update(count=m["count"], degenerate_count=m["degenerate_count"], grid=m["grid"], content_hash=m["content_hash"])
     print(json.dumps(summary))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI (lfi_jax.cli convention: one `error:` line and exit 2 for a user error; Ctrl-C
+    ends with one line saying how many shards are saved). Returns the exit code."""
+    status: dict[str, str] = {}
+    return run_cli(
+        lambda a: _main(a, status), argv, exit=False,
+        interrupt_note=lambda: status.get("note", "nothing written yet"),
+    )
 
 
 if __name__ == "__main__":

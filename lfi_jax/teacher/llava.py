@@ -11,8 +11,15 @@ not grow with the number of layers. C_span is the average over the selected laye
 C_vlm = relu(C_fore - C_back) / ||.||_1 (dense: relu(sum_k C_obj_k - C_back) / ||.||_1), on the
 vision grid, with the geometry the processor actually used (pad / resize / crop).
 
-torch and transformers are imported lazily, only by this module; llava_conv (text, geometry,
-Eq. 11/12) and llava_export (the export backend) are torch-free.
+Images are padded to a square first by default (`pad="square"`), as the original LLaVA-1.5
+does and SPEC section 3 assumes (the llava-hf processors otherwise resize the short side and
+centre-crop, so the borders of a non-square image get no teacher mass): through the image
+processor's `do_pad` where it has one, else by padding with its mean colour before it.
+`pad="processor"` keeps the checkpoint's own preprocessing. Either way the stored geometry is
+the one actually used.
+
+torch and transformers are imported lazily (llava_runtime); llava_conv (text, geometry,
+Eq. 11/12) and llava_export (the export backend, which imports this module) are torch-free.
 """
 
 from __future__ import annotations
@@ -25,90 +32,10 @@ from typing import Any
 import numpy as np
 
 from lfi_jax.teacher import llava_conv as conv
+from lfi_jax.teacher.llava_runtime import DTYPES, Capture, _torch, model_fingerprint, resolve_device_dtype
 from lfi_jax.teacher.types import TeacherEntry
 
-DTYPES = ("auto", "float32", "float16", "bfloat16")
-
-
-def _torch():
-    try:
-        import torch
-        import transformers
-    except ImportError as e:  # pragma: no cover - depends on the install
-        raise ImportError(
-            "the llava teacher needs torch and transformers: pip install 'lfi-jax[teacher]'"
-        ) from e
-    return torch, transformers
-
-
-def resolve_device_dtype(device: str | None, dtype: str | None):
-    """('auto' | 'cpu' | 'cuda[:i]', 'auto' | float32 | float16 | bfloat16) -> torch objects."""
-    torch, _ = _torch()
-    device = (device or "auto").strip()
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device!r}: CUDA is not available on this machine")
-    dtype = (dtype or "auto").strip()
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
-    if dtype == "auto":
-        if dev.type == "cuda":
-            dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        else:
-            dtype = "float32"
-    return dev, getattr(torch, dtype), dtype
-
-
-def _fingerprint(model_dir: str | None) -> str | None:
-    """sha256 of config.json and the weight files' names, sizes and (safetensors) headers."""
-    if not model_dir or not os.path.isdir(model_dir):
-        return None
-    h = hashlib.sha256()
-    for name in sorted(os.listdir(model_dir)):
-        p = os.path.join(model_dir, name)
-        if name == "config.json":
-            with open(p, "rb") as f:
-                h.update(f.read())
-        elif name.endswith((".safetensors", ".bin")):
-            h.update(f"{name}:{os.path.getsize(p)}".encode())
-            if name.endswith(".safetensors"):
-                with open(p, "rb") as f:
-                    n = int.from_bytes(f.read(8), "little")
-                    h.update(f.read(min(n, 1 << 24)))
-    return h.hexdigest()
-
-
-class _Capture:
-    """Forward hook state: reduces one layer's attention weights to spans x image tokens."""
-
-    def __init__(self):
-        self.row_idx = None  # (B, R) long: span-token positions, all spans concatenated
-        self.row_w = None  # (B, P, R) float32: 1/len(span) where the token belongs to span p
-        self.img_idx = None  # (B, N) long: image-token positions
-        self.acc = None  # (B, P, N) float32, summed over hooked layers
-        self.calls = 0
-
-    def hook(self, module, args, output):
-        if self.acc is None:  # not capturing (e.g. generating background words)
-            return None
-        attn_out, w = output[0], output[1]
-        if w is None:
-            raise RuntimeError(
-                "the language model's attention returned no weights; it must run eager attention"
-            )
-        import torch
-
-        b, h, s, _ = w.shape
-        r, n = self.row_idx.shape[1], self.img_idx.shape[1]
-        rows = torch.gather(w, 2, self.row_idx[:, None, :, None].expand(b, h, r, s))
-        rows = rows.float().mean(1)  # (B, R, S): average over heads, in float32
-        cols = torch.gather(rows, 2, self.img_idx[:, None, :].expand(b, r, n))  # (B, R, N)
-        self.acc += torch.bmm(self.row_w, cols)
-        self.calls += 1
-        return (attn_out, None) + tuple(output[2:])
-
+IMAGE_PADS = ("square", "processor")
 
 class LlavaTeacher:
     """A LLaVA-1.5-style checkpoint that turns images into teacher maps (SPEC section 3).
@@ -118,6 +45,8 @@ class LlavaTeacher:
     layers: language-model layers to average ("all", "0,5", "16:32", or a list of ints).
     background: "fixed" (use `background_words`) or "generate" (greedy words from the VLM,
       continuing the teacher-forced response; recorded per example in meta).
+    pad: "square" (pad the image to a square first, like the original LLaVA-1.5) or
+      "processor" (the checkpoint's own preprocessing, e.g. llava-hf's resize and centre crop).
     """
 
     def __init__(
@@ -137,6 +66,7 @@ class LlavaTeacher:
         box_color: str | Sequence[int] = "red",
         box_width: int = 0,
         batch_size: int = 8,
+        pad: str = "square",
         model=None,
     ):
         """`model`: an already built LlavaForConditionalGeneration (eager attention in its
@@ -165,6 +95,9 @@ class LlavaTeacher:
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        if pad not in IMAGE_PADS:
+            raise ValueError(f"--pad must be one of {IMAGE_PADS}, got {pad!r}")
+        self.image_pad = pad
         self.device, self.torch_dtype, self.dtype_name = resolve_device_dtype(device, dtype)
 
         where = f"model {self.model_path!r}" + (f" (revision {revision})" if revision else "")
@@ -193,6 +126,22 @@ class LlavaTeacher:
             raise ValueError(f"{where}: the processor has no chat template")
         if not getattr(processor.tokenizer, "is_fast", False):
             raise ValueError(f"{where}: needs a fast tokenizer (character offsets locate the spans)")
+        if getattr(processor, "patch_size", None) is None:
+            patch = getattr(getattr(config, "vision_config", None), "patch_size", "?")
+            raise ValueError(
+                f"{where}: its processor has no patch_size, so it cannot expand the image token; set "
+                f'"patch_size": {patch} (the vision tower\'s) and "vision_feature_select_strategy": '
+                f'"{getattr(config, "vision_feature_select_strategy", "default")}" in its processor_config.json'
+            )
+        ip = processor.image_processor
+        # pad="square": the processor's own pad where it has one, else padding before it
+        self.pad_before = False
+        if pad == "square":
+            if hasattr(ip, "pad_to_square") and hasattr(ip, "do_pad"):
+                ip.do_pad = True
+            else:
+                self.pad_before = True
+        self.pad_fill = tuple(int(round(255 * float(m))) for m in (getattr(ip, "image_mean", None) or (0, 0, 0)))
         processor.tokenizer.padding_side = "left"
         if processor.tokenizer.pad_token_id is None:
             processor.tokenizer.pad_token = processor.tokenizer.eos_token or processor.tokenizer.unk_token
@@ -217,7 +166,7 @@ class LlavaTeacher:
         self.decoder_layers = self._decoder_layers()
         self.layers = conv.parse_layers(layers, len(self.decoder_layers))
         self.commit = getattr(self.config, "_commit_hash", None)
-        self._capture = _Capture()
+        self._capture = Capture()
         self._handles = [
             self.decoder_layers[i].self_attn.register_forward_hook(self._capture.hook) for i in self.layers
         ]
@@ -241,7 +190,7 @@ class LlavaTeacher:
             "model": self.model_path,
             "revision": self.revision,
             "commit": self.commit,
-            "model_fingerprint": _fingerprint(self.model_path),
+            "model_fingerprint": model_fingerprint(self.model_path),
             "dtype": self.dtype_name,
             "task": self.task,
             "prompt": self.prompt,
@@ -256,6 +205,8 @@ class LlavaTeacher:
             "grid": [self.grid_h, self.grid_w],
             "image_tokens": self.num_image_tokens,
             "vision_feature_select_strategy": self.config.vision_feature_select_strategy,
+            "image_pad": self.image_pad,
+            "do_pad": bool(self.pad_before or getattr(self.processor.image_processor, "do_pad", False)),
             "reduction": "mean over span tokens and heads, mean over layers; Eq. 11/12 relu + L1",
             "chat_template_sha256": hashlib.sha256(str(template).encode()).hexdigest(),
             "transformers": transformers.__version__,
@@ -358,8 +309,13 @@ class LlavaTeacher:
             objs = self._objects(names[i], bx, where)
             if self.task == "dense":
                 a = conv.draw_boxes(a, bx, self.box_color, self.box_width)
+            hw = a.shape[:2]
+            if self.pad_before:
+                a, top_left = conv.pad_to_square(a, self.pad_fill)
             pil.append(Image.fromarray(a))
             geom, out_hw = conv.processor_geometry(self.processor.image_processor, a.shape[0], a.shape[1])
+            if self.pad_before:
+                geom = conv.unpad_geometry(geom, top_left, hw)
             if out_hw != self.pixel_hw:
                 raise ValueError(
                     f"{where}: the processor makes a {out_hw[0]}x{out_hw[1]} image of this "
@@ -489,12 +445,4 @@ class LlavaTeacher:
         self._handles = []
 
 
-# The export registry's entry points (python -m lfi_jax.teacher.export --teacher=llava).
-from lfi_jax.teacher.llava_export import (  # noqa: E402
-    TEACHER_OPTIONS,
-    export_backend,
-    provenance,
-    teacher_from_options,
-)
-
-__all__ = ["LlavaTeacher", "TEACHER_OPTIONS", "export_backend", "provenance", "teacher_from_options"]
+__all__ = ["DTYPES", "IMAGE_PADS", "LlavaTeacher", "resolve_device_dtype"]

@@ -248,6 +248,25 @@ def processor_geometry(ip, height: int, width: int) -> tuple[Geometry, tuple[int
     return Geometry((int(height), int(width)), tuple(float(v) for v in box)), (h, w)
 
 
+def pad_to_square(image: np.ndarray, fill: Sequence[int]) -> tuple[np.ndarray, tuple[int, int]]:
+    """`image` [H, W, 3] pasted on a `fill`-coloured square of side max(H, W), as LLaVA-1.5's
+    expand2square does (offset floored); returns (square, (top, left))."""
+    h, w = image.shape[:2]
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    out = np.empty((side, side, image.shape[2]), image.dtype)
+    out[...] = np.asarray(fill, image.dtype)[: image.shape[2]]
+    out[top : top + h, left : left + w] = image
+    return out, (top, left)
+
+
+def unpad_geometry(geom: Geometry, top_left: tuple[int, int], image_hw: tuple[int, int]) -> Geometry:
+    """The geometry `geom` (on the padded square) in the coordinates of the original image."""
+    top, left = top_left
+    y0, x0, y1, x1 = geom.box
+    return Geometry((int(image_hw[0]), int(image_hw[1])), (y0 - top, x0 - left, y1 - top, x1 - left))
+
+
 def vision_grid(vision_config, select_strategy: str) -> tuple[int, int, int]:
     """(grid_h, grid_w, leading non-patch tokens) of the projected image features.
 

@@ -2,21 +2,23 @@
 
 `export_backend(source, indices, options)` reads the examples, looks up their class names and
 boxes and returns [(example_id, TeacherEntry)]; the teacher is loaded once per process for a
-given set of options and reused across shards. torch is imported only through
-lfi_jax.teacher.llava.
+given set of options and reused across shards. `precheck(options)` gives the provenance
+fields known without loading the model (the export compares them with an existing store
+first). torch is imported only when a teacher is built (lfi_jax.teacher.llava_runtime).
 """
 
 from __future__ import annotations
 
 import json
-import sys
-import time
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from lfi_jax.teacher import llava_conv as conv
+from lfi_jax.teacher.llava import LlavaTeacher
+from lfi_jax.teacher.progress import Progress
 from lfi_jax.teacher.types import TeacherEntry
 
 TEACHER_OPTIONS = {
@@ -35,6 +37,8 @@ TEACHER_OPTIONS = {
     "box_color": ("red", "dense: box colour (name, #rrggbb, r,g,b)"),
     "box_width": (0, "dense: box line width in pixels (0: 1% of the long side)"),
     "batch_size": (8, "images per forward pass"),
+    "pad": ("square", "square (pad to a square first, as the original LLaVA-1.5; the default) | processor "
+                      "(the checkpoint's own preprocessing: llava-hf resizes the short side and centre-crops)"),
 }
 
 _CACHE: dict[str, Any] = {}
@@ -60,8 +64,6 @@ def teacher_from_options(options):
         for old in _CACHE.values():
             old.close()
         _CACHE.clear()
-        from lfi_jax.teacher.llava import LlavaTeacher
-
         model = kwargs.pop("model")
         _CACHE[key] = LlavaTeacher(model, **kwargs)
     return _CACHE[key]
@@ -69,6 +71,29 @@ def teacher_from_options(options):
 
 def provenance(options) -> dict[str, Any]:
     return teacher_from_options(options).provenance()
+
+
+def precheck(options) -> dict[str, Any]:
+    """The provenance fields these options fix before the model loads (same values as
+    `LlavaTeacher.provenance` gives for them)."""
+    o = {k: _opt(options, k, d) for k, (d, _) in TEACHER_OPTIONS.items()}
+    model = str(o["model"])
+    task = o["task"]
+    prompt = o["prompt"] if o["prompt"] is not None else (conv.CLASSIFY_PROMPT if task == "classify" else conv.DENSE_PROMPT)
+    response = o["response_template"]
+    if response is None:
+        response = conv.CLASSIFY_RESPONSE if task == "classify" else conv.DENSE_RESPONSE
+    return {
+        "teacher": "llava",
+        "model": os.path.abspath(model) if os.path.isdir(model) else model,
+        "revision": o["revision"],
+        "task": task,
+        "prompt": prompt,
+        "response_template": response,
+        "background": o["background"],
+        "background_words": " ".join(str(o["background_words"]).split()),
+        "image_pad": o["pad"],
+    }
 
 
 def _class_names_for(source, ex: dict, teacher, where: str):
@@ -92,35 +117,21 @@ def _class_names_for(source, ex: dict, teacher, where: str):
     return name_of(ex["label"])
 
 
-class _Progress:
-    """A one-line progress bar on stderr with images/s and ETA."""
-
-    def __init__(self, total: int, label: str = "llava"):
-        self.total, self.done, self.label = total, 0, label
-        self.t0 = time.perf_counter()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        dt = max(time.perf_counter() - self.t0, 1e-9)
-        rate = self.done / dt
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        width = 30
-        fill = int(width * self.done / max(self.total, 1))
-        sys.stderr.write(
-            f"\r{self.label} [{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} "
-            f"{rate:.2f} img/s ETA {eta:.0f}s"
-        )
-        if self.done >= self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
 def export_backend(source, indices: Sequence[int], options) -> list[tuple[str, TeacherEntry]]:
     """The export registry's `llava` backend: (source, indices, options) -> [(id, entry)]."""
     teacher = teacher_from_options(options)
     out: list[tuple[str, TeacherEntry]] = []
     indices = list(indices)
-    progress = _Progress(len(indices)) if _opt(options, "progress", True) else None
+    progress = Progress(len(indices)) if _opt(options, "progress", True) else None
+    try:
+        _export_batches(source, indices, teacher, out, progress)
+    finally:
+        if progress:
+            progress.close()  # an error line after this starts on its own line
+    return out
+
+
+def _export_batches(source, indices: list[int], teacher, out: list, progress) -> None:
     for s in range(0, len(indices), teacher.batch_size):
         chunk = indices[s : s + teacher.batch_size]
         ids, images, names, boxes = [], [], [], []
@@ -142,4 +153,6 @@ def export_backend(source, indices: Sequence[int], options) -> list[tuple[str, T
         out.extend(zip(ids, entries))
         if progress:
             progress.update(len(chunk))
-    return out
+
+
+__all__ = ["TEACHER_OPTIONS", "export_backend", "precheck", "provenance", "teacher_from_options"]

@@ -11,12 +11,7 @@ Layout of a store directory (see docs/teacher.md):
   index.json                         the ids of every shard, in order (written by finalize)
   manifest.json                      written last, atomically: the store is complete
 
-A record (format version 1) is `MAGIC | u8 version | u32 header length | JSON header | map`,
-little-endian, where the header holds id, shape, geometry, degenerate and meta, and the map is
-the raw float32 bytes (C order), so maps round-trip bit for bit.
-
-The content hash is sha256 over the shards' digests in shard order; a shard's digest is
-sha256 over its records, each prefixed by its length as a little-endian u64.
+Records, digests and the content hash: lfi_jax/teacher/records.py.
 """
 
 from __future__ import annotations
@@ -25,163 +20,36 @@ import hashlib
 import json
 import math
 import os
-import struct
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from array_record.python import array_record_module
 
-from lfi_jax.fileio import atomic_write_with
-from lfi_jax.teacher.types import Geometry, TeacherEntry
+from lfi_jax.teacher.provenance import Provenance
+from lfi_jax.teacher.provenance import check_compatible as _check_compatible
+from lfi_jax.teacher.records import (
+    atomic_write_json,
+    check_map,
+    content_hash,
+    decode_record,
+    describe,
+    diff_keys,
+    encode_record,
+    read_json,
+    record_digest,
+    shard_name,
+    to_json_value,
+)
+from lfi_jax.teacher.types import TeacherEntry
 
 FORMAT = "lfi-teacher-store"
 FORMAT_VERSION = 1
-RECORD_MAGIC = b"LFTM"
-RECORD_VERSION = 1
-SUM_TOLERANCE = 1e-3  # |sum(map) - 1| allowed for a non-degenerate map
 MANIFEST = "manifest.json"
 INDEX = "index.json"
 EXPORT = "export.json"
 _READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"  # random access
-_HEAD = struct.Struct("<4sBI")
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(f"{type(x).__name__} is not JSON serialisable")
-
-
-def to_json_value(x: Any) -> Any:
-    """`x` as plain JSON data (tuples -> lists, numpy scalars/arrays -> Python)."""
-    return json.loads(json.dumps(x, default=_json_default))
-
-
-def atomic_write_json(path: str, obj: Any) -> None:
-    """Write `obj` as JSON (indent 1, sorted keys) to `path` atomically, fsynced before the
-    rename (`lfi_jax.fileio.atomic_write_with`)."""
-    text = json.dumps(obj, indent=1, sort_keys=True, default=_json_default) + "\n"
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    atomic_write_with(path, write, fsync=True)
-
-
-def _read_json(path: str) -> Any:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-
-
-def diff_keys(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    """(dotted key, a value, b value) for every leaf where JSON data `a` and `b` differ."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b), key=str):
-            key = f"{prefix}.{k}" if prefix else str(k)
-            if k not in a or k not in b:
-                out.append((key, a.get(k, "<absent>"), b.get(k, "<absent>")))
-            else:
-                out.extend(diff_keys(a[k], b[k], key))
-        return out
-    return [] if a == b else [(prefix or "<root>", a, b)]
-
-
-def _describe(diffs: Sequence[tuple[str, Any, Any]], left: str, right: str) -> str:
-    def short(v):
-        s = json.dumps(v, default=str)
-        return s if len(s) <= 120 else s[:117] + "..."
-
-    return "; ".join(f"{k}: {left} {short(x)}, {right} {short(y)}" for k, x, y in diffs)
-
-
-def check_map(m: np.ndarray, degenerate: bool, grid: tuple[int, int] | None, where: str) -> None:
-    """Raise ValueError (prefixed by `where`) unless `m` is a valid teacher map."""
-    if m.ndim != 2 or (grid is not None and tuple(m.shape) != tuple(grid)):
-        raise ValueError(f"{where}: map shape {tuple(m.shape)}, expected the store grid {tuple(grid) if grid else '[gh, gw]'}")
-    if not np.all(np.isfinite(m)):
-        raise ValueError(f"{where}: map has {int(np.sum(~np.isfinite(m)))} non-finite values (NaN/inf)")
-    if np.any(m < 0):
-        raise ValueError(f"{where}: map has {int(np.sum(m < 0))} negative values (min {float(m.min())})")
-    total = float(np.sum(m, dtype=np.float64))
-    if degenerate:
-        if total != 0.0:
-            raise ValueError(f"{where}: degenerate map must be all zeros, sums to {total:.6g}")
-    elif abs(total - 1.0) > SUM_TOLERANCE:
-        raise ValueError(f"{where}: map sums to {total:.6g}, expected 1 (L1-normalised) for a non-degenerate map")
-
-
-# --------------------------------------------------------------------------- records
-
-
-def encode_record(example_id: str, entry: TeacherEntry) -> bytes:
-    """One example as record bytes (no validation of the map: see `StoreWriter.write_shard`)."""
-    m = np.asarray(entry.map)
-    header = {
-        "id": str(example_id),
-        "shape": [int(s) for s in m.shape],
-        "dtype": "<f4",
-        "geometry": entry.geometry.to_json(),
-        "degenerate": bool(entry.degenerate),
-        "meta": entry.meta or {},
-    }
-    try:
-        hb = json.dumps(header, sort_keys=True, separators=(",", ":"), default=_json_default, allow_nan=False).encode()
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"example {example_id!r}: meta/geometry is not JSON serialisable: {e}") from None
-    return _HEAD.pack(RECORD_MAGIC, RECORD_VERSION, len(hb)) + hb + np.ascontiguousarray(m, dtype="<f4").tobytes()
-
-
-def decode_record(data: bytes, where: str = "record") -> tuple[str, TeacherEntry]:
-    """Record bytes -> (id, TeacherEntry) (map as a writable float32 array)."""
-    if len(data) < _HEAD.size:
-        raise ValueError(f"{where}: truncated record ({len(data)} bytes)")
-    magic, version, n = _HEAD.unpack_from(data)
-    if magic != RECORD_MAGIC:
-        raise ValueError(f"{where}: not a teacher record (magic {magic!r})")
-    if version != RECORD_VERSION:
-        raise ValueError(f"{where}: record format version {version}, this code reads {RECORD_VERSION}")
-    try:
-        header = json.loads(data[_HEAD.size : _HEAD.size + n])
-        shape = tuple(int(s) for s in header["shape"])
-        body = data[_HEAD.size + n :]
-        if len(body) != 4 * math.prod(shape):
-            raise ValueError(f"map has {len(body)} bytes, shape {shape} needs {4 * math.prod(shape)}")
-        m = np.frombuffer(body, dtype="<f4").reshape(shape).astype(np.float32)
-        entry = TeacherEntry(m, Geometry.from_json(header["geometry"]), bool(header["degenerate"]), dict(header["meta"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{where}: corrupt record: {type(e).__name__}: {e}") from None
-    return str(header["id"]), entry
-
-
-def _record_digest(records: Iterable[bytes]) -> str:
-    h = hashlib.sha256()
-    for r in records:
-        h.update(struct.pack("<Q", len(r)))
-        h.update(r)
-    return h.hexdigest()
-
-
-def content_hash(shard_digests: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for d in shard_digests:
-        h.update(bytes.fromhex(d))
-    return h.hexdigest()
-
-
-def shard_name(i: int, n: int) -> str:
-    return f"shard-{i:05d}-of-{n:05d}.array_record"
 
 
 # --------------------------------------------------------------------------- writer
@@ -227,23 +95,23 @@ class StoreWriter:
     def _check_existing(self) -> None:
         export_file = os.path.join(self.path, EXPORT)
         if os.path.exists(export_file):
-            old = _read_json(export_file)
+            old = read_json(export_file)
             diffs = diff_keys(old, self.export)
             if diffs:
                 raise ValueError(
                     f"teacher store {self.path} was exported with other settings; refusing to mix them "
-                    f"(use another --out or delete the store): {_describe(diffs, 'store has', 'this export has')}"
+                    f"(use another --out or delete the store): {describe(diffs, 'store has', 'this export has')}"
                 )
             return
         manifest_file = os.path.join(self.path, MANIFEST)
         if os.path.exists(manifest_file):  # a finalized store copied without export.json
-            old = _read_json(manifest_file)
+            old = read_json(manifest_file)
             mine = {**self.manifest, "num_examples": self.num_examples, "shard_size": self.shard_size}
             diffs = diff_keys({k: old.get(k, "<absent>") for k in mine}, mine)
             if diffs:
                 raise ValueError(
                     f"teacher store {self.path} holds another export; refusing to mix them: "
-                    f"{_describe(diffs, 'store has', 'this export has')}"
+                    f"{describe(diffs, 'store has', 'this export has')}"
                 )
         elif any(f.startswith("shard-") for f in os.listdir(self.path)):
             raise ValueError(
@@ -270,7 +138,7 @@ class StoreWriter:
     def _shard_info(self, i: int) -> dict | None:
         if not (os.path.exists(self.shard_file(i)) and os.path.exists(self._info_file(i))):
             return None
-        info = _read_json(self._info_file(i))
+        info = read_json(self._info_file(i))
         return info if info.get("fingerprint") == self.fingerprint else None
 
     def shard_done(self, i: int) -> bool:
@@ -282,16 +150,22 @@ class StoreWriter:
         return [i for i in range(self.num_shards) if not self.shard_done(i)]
 
     # -- writing ----------------------------------------------------------------------------
-    def write_shard(self, i: int, records: Sequence[tuple[str, TeacherEntry]]) -> None:
+    def write_shard(
+        self, i: int, records: Sequence[tuple[str, TeacherEntry]], *, fingerprints: Sequence[str | None] | None = None
+    ) -> None:
         """Write shard i atomically: validated, written to `<shard>.tmp`, then renamed.
 
         Records must be the examples of `shard_range(i)` (same count), with distinct ids, maps
         of one grid shape, finite, non-negative, summing to 1 (all zeros where degenerate).
+        `fingerprints`: each example's `image_fingerprint` (kept in the index, not in the
+        records, so the content hash depends on the maps only).
         """
         self._check_index(i)
         expected = len(self.shard_range(i))
         if len(records) != expected:
             raise ValueError(f"teacher store {self.path}: shard {i} needs {expected} records, got {len(records)}")
+        if fingerprints is not None and len(fingerprints) != len(records):
+            raise ValueError(f"teacher store {self.path}: shard {i}: {len(fingerprints)} fingerprints for {len(records)} records")
         grid, seen, blobs, degenerate = None, set(), [], 0
         for eid, entry in records:
             where = f"teacher store {self.path}: example {eid!r}"
@@ -325,8 +199,9 @@ class StoreWriter:
             "count": len(blobs),
             "degenerate": degenerate,
             "grid": list(grid),
-            "sha256": _record_digest(blobs),
+            "sha256": record_digest(blobs),
             "ids": [eid for eid, _ in records],
+            "image_fingerprints": None if fingerprints is None else [None if f is None else str(f) for f in fingerprints],
         }
         atomic_write_json(self._info_file(i), info)
         os.replace(tmp, final)
@@ -354,6 +229,8 @@ class StoreWriter:
                     raise ValueError(f"teacher store {self.path}: example id {eid!r} in both {first[eid]} and {s['file']}")
                 first[eid] = s["file"]
         index = {"format": FORMAT, "format_version": FORMAT_VERSION, "shards": [s["ids"] for s in infos]}
+        if all(s.get("image_fingerprints") for s in infos):
+            index["image_fingerprints"] = [s["image_fingerprints"] for s in infos]
         atomic_write_json(os.path.join(self.path, INDEX), index)
         manifest = dict(self.manifest)
         manifest.update(
@@ -392,7 +269,7 @@ class TeacherStore:
             raise FileNotFoundError(
                 f"teacher store {self.path}: {MANIFEST} not found (an unfinished export? re-run it to finish)"
             )
-        m = _read_json(manifest_file)
+        m = read_json(manifest_file)
         if m.get("format") != FORMAT or m.get("format_version") != FORMAT_VERSION:
             raise ValueError(
                 f"{manifest_file}: format {m.get('format')!r} version {m.get('format_version')!r}, "
@@ -403,7 +280,8 @@ class TeacherStore:
         index_file = os.path.join(self.path, m.get("index", INDEX))
         if not os.path.isfile(index_file):
             raise FileNotFoundError(f"teacher store {self.path}: index file {index_file} not found")
-        shard_ids = _read_json(index_file)["shards"]
+        index = read_json(index_file)
+        shard_ids = index["shards"]
         shards = m["shards"]
         if len(shard_ids) != len(shards):
             raise ValueError(f"teacher store {self.path}: {index_file} lists {len(shard_ids)} shards, the manifest {len(shards)}")
@@ -421,6 +299,10 @@ class TeacherStore:
             self._ids.extend(ids)
         if len(self._index) != len(self._ids):
             raise ValueError(f"teacher store {self.path}: the index lists some example id twice")
+        fps = index.get("image_fingerprints")
+        self._fingerprints: dict[str, str | None] = {}
+        if isinstance(fps, list) and [len(f or ()) for f in fps] == [len(ids) for ids in shard_ids]:
+            self._fingerprints = dict(zip(self._ids, (f for shard in fps for f in shard)))
         self._init_readers()
 
     def _init_readers(self) -> None:
@@ -482,22 +364,27 @@ class TeacherStore:
     def __iter__(self):
         return iter(self._ids)
 
+    def image_fingerprint(self, example_id: str) -> str | None:
+        """The fingerprint of the image the map of `example_id` was exported from (None for a
+        store written before fingerprints were recorded, or an unknown id)."""
+        return self._fingerprints.get(example_id)
+
+    @property
+    def provenance(self) -> Provenance:
+        """A typed view of the manifest: teacher model, prompt, layers, grid, padding, data
+        name/split/options and identity, counts and content hash."""
+        return Provenance.from_manifest(self.manifest)
+
     def __repr__(self) -> str:
         return f"TeacherStore({self.path!r}, n={len(self)}, grid={self.grid})"
 
     # -- checks -----------------------------------------------------------------------------
     def check_compatible(self, data: str, split: str, **expected: Any) -> None:
-        """ValueError naming each mismatched manifest key (with both values) unless the store
-        was built for data source `data`, split `split` and has `manifest[key] == value` for
-        each keyword (compared as JSON data, so tuples equal lists)."""
-        want = {"data": data, "split": split, **expected}
-        diffs = []
-        for key, value in want.items():
-            have = self.manifest.get(key, "<absent>")
-            if to_json_value(have) != to_json_value(value):
-                diffs.append((key, have, value))
-        if diffs:
-            raise ValueError(f"teacher store {self.path} does not fit: {_describe(diffs, 'store has', 'expected')}")
+        """ValueError naming each mismatch (with both sides) unless the store was built from
+        the data `data`/`split` identifies (kind, name, split; not its path) and has
+        `manifest[key] == value` for each keyword (JSON data, so tuples equal lists). Options:
+        `lfi_jax.teacher.provenance.check_compatible`."""
+        _check_compatible(self, spec=data, split=split, **expected)
 
     def verify(self) -> None:
         """Re-read every shard and check its digest and the content hash against the manifest."""
@@ -505,7 +392,7 @@ class TeacherStore:
         for k, s in enumerate(self.manifest["shards"]):
             r = array_record_module.ArrayRecordReader(self._files[k])
             try:
-                d = _record_digest(r.read_all())
+                d = record_digest(r.read_all())
             finally:
                 r.close()
             if d != s["sha256"]:
