@@ -24,12 +24,15 @@ during training; `python -m lfi_jax.evaluate domains` scores it on every domain 
 Settings follow configs/tinyimagenet.py (the paper gives no PACS-specific ones): 224 px, 50
 epochs over the three training domains, the original transformer layers frozen, only the
 interaction queries, gates and head trained; the ViT baseline trains its head in the same
-frozen setting. Steps per epoch come from the domains' published image counts.
+frozen setting, and the `ic_only` row trains the original query projections too (the weights
+the teacher supervises; frozen, that row would train only the head). Steps per epoch come from
+the domains' published image counts. Compute in bfloat16 (float32 parameters); `runlocal` in
+float32.
 """
 
 import ml_collections
 
-from lfi_jax.config import ABLATIONS, PAPER_FREEZE, PAPER_TRAINABLE, base_config, model_fields, parse_arg, set_ablation
+from lfi_jax.config import ABLATIONS, PAPER_DTYPE, base_config, model_fields, parse_arg, set_ablation, set_paper_init
 
 DOMAIN_SIZES = {"art_painting": 2048, "cartoon": 2344, "photo": 1670, "sketch": 3929}  # 9,991 images
 CLASSES = ("dog", "elephant", "giraffe", "guitar", "horse", "house", "person")
@@ -40,7 +43,13 @@ NAME = "pacs"
 def lodo_config(arg, *, name, domain_sizes, num_classes, default_domain):
     a = parse_arg(
         arg,
-        {"domain": tuple(domain_sizes), "model": tuple(ABLATIONS), "size": SIZES, "init": ("scratch",), "mode": ("runlocal",)},
+        {
+            "domain": tuple(domain_sizes),
+            "model": tuple(ABLATIONS),
+            "size": SIZES,
+            "init": ("scratch",),
+            "mode": ("runlocal",),
+        },
     )
     held, model, size = a.get("domain", default_domain), a.get("model", "ivit"), a.get("size", "B/16")
     train_examples = sum(n for d, n in domain_sizes.items() if d != held)
@@ -65,7 +74,7 @@ def lodo_config(arg, *, name, domain_sizes, num_classes, default_domain):
     c.data.num_workers = 8
 
     c.model = ml_collections.ConfigDict(
-        model_fields(size, image_size=224, num_classes=num_classes, dtype="bfloat16", attn_impl="auto")
+        model_fields(size, image_size=224, num_classes=num_classes, dtype=PAPER_DTYPE, attn_impl="auto")
     )
     set_ablation(c, model)
     c.teacher.store = ""  # a LLaVA store of the layout's train split (python -m lfi_jax.teacher.export --teacher=llava)
@@ -74,13 +83,7 @@ def lodo_config(arg, *, name, domain_sizes, num_classes, default_domain):
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 2 * steps_per_epoch
     c.optim.weight_decay = 0.05
-    if a.get("init") == "scratch":
-        c.optim.lr = 5e-4
-        c.optim.warmup_steps = 5 * steps_per_epoch
-    else:
-        c.init.hf = "/path/to/vit-checkpoint"  # a Hugging Face ViT directory (local path)
-        c.optim.freeze = PAPER_FREEZE
-        c.optim.trainable = PAPER_TRAINABLE
+    set_paper_init(c, model, scratch=a.get("init") == "scratch", scratch_lr=5e-4, scratch_warmup=5 * steps_per_epoch)
 
     if a.get("mode") == "runlocal":
         c.total_steps, c.batch_size, c.eval_batch_size = 4, 8, 8

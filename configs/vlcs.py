@@ -13,23 +13,17 @@ default SUN09), the model row of Table 3 (default ivit), the size (default B/16)
 chair, dog, person). Everything else as in configs/pacs.py.
 """
 
-import importlib.util
 import os
 
 import ml_collections
+
+from lfi_jax.config import load_config_module
 
 DOMAIN_SIZES = {"Caltech101": 1415, "LabelMe": 2656, "SUN09": 3282, "VOC2007": 3376}  # 10,729 images
 CLASSES = ("bird", "car", "chair", "dog", "person")
 NAME = "vlcs"
 
 
-def _pacs():
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pacs.py")
-    spec = importlib.util.spec_from_file_location("lfi_config_pacs_shared", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def get_config(arg: str = "SUN09,ivit") -> ml_collections.ConfigDict:
-    return _pacs().lodo_config(arg, name=NAME, domain_sizes=DOMAIN_SIZES, num_classes=len(CLASSES), default_domain="SUN09")
+    pacs = load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "pacs.py"))
+    return pacs.lodo_config(arg, name=NAME, domain_sizes=DOMAIN_SIZES, num_classes=len(CLASSES), default_domain="SUN09")

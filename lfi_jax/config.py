@@ -16,7 +16,6 @@ source checks its own options).
 from __future__ import annotations
 
 import ast
-import dataclasses
 import difflib
 import importlib.util
 import os
@@ -25,9 +24,12 @@ from typing import Any
 import ml_collections
 
 from lfi_jax.errors import ConfigKeyError, UserError
-from lfi_jax.models.vit import VARIANTS, ModelConfig, variant
+from lfi_jax.models.config import VARIANTS, model_config, model_fields
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+# Compute dtype of the paper's configs (parameters are always float32).
+PAPER_DTYPE = "bfloat16"
 
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
@@ -176,6 +178,18 @@ def split_config_spec(spec: str) -> tuple[str, str | None]:
     return spec, None
 
 
+def load_config_module(path: str):
+    """The module of the config file at `path` (for config files that share code: configs/vlcs.py
+    builds on configs/pacs.py); one that does not import is a UserError naming the file."""
+    spec = importlib.util.spec_from_file_location(f"lfi_config_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        raise UserError(f"config file {path} does not load: {type(e).__name__}: {e}") from e
+    return module
+
+
 def load_config_file(name_or_path: str, arg: str | None = None) -> ml_collections.ConfigDict:
     """`get_config(arg)` of `configs/<name>.py` (or of a path to a config file).
 
@@ -191,12 +205,7 @@ def load_config_file(name_or_path: str, arg: str | None = None) -> ml_collection
         known = sorted(f[:-3] for f in os.listdir(CONFIG_DIR) if f.endswith(".py")) if os.path.isdir(CONFIG_DIR) else []
         hint = f" (bundled configs: {', '.join(known)})" if known else ""
         raise FileNotFoundError(f"config file not found: {path}{hint}")
-    spec = importlib.util.spec_from_file_location(f"lfi_config_{os.path.basename(path)[:-3]}", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:
-        raise UserError(f"config file {path} does not load: {type(e).__name__}: {e}") from e
+    module = load_config_module(path)
     if not callable(getattr(module, "get_config", None)):
         raise UserError(f"config file {path} defines no get_config()")
     where = f"{path}:{arg}" if arg is not None else path
@@ -212,17 +221,10 @@ def load_config_file(name_or_path: str, arg: str | None = None) -> ml_collection
 # --------------------------------------------------------------------------- defaults
 
 
-def model_fields(name: str, **overrides: Any) -> dict[str, Any]:
-    """All ModelConfig fields of a named variant ("S/16"), as a plain dict for a ConfigDict."""
-    cfg = variant(name, **overrides)
-    d = dataclasses.asdict(cfg)
-    d["gate_bias_init"] = tuple(d["gate_bias_init"])
-    return d
-
-
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "train"  # shown in progress lines
+    c.task = "classification"  # the lfi_jax.tasks Task the trainer runs (lfi_jax.tasks.registry)
     c.seed = 0
     c.total_steps = 1000
     c.batch_size = 128  # global batch size (all processes)
@@ -301,57 +303,41 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-PAPER_FREEZE = (".*",)
-PAPER_TRAINABLE = (r".*interaction_query.*", r".*/gate/.*", r"^classifier/.*")
-
-
-def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-    """The typed ModelConfig of `config.model`; unknown keys are errors naming the key."""
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    raw = config.model.to_dict()
-    unknown = sorted(set(raw) - fields)
-    if unknown:
-        raise ValueError(f"unknown config keys: {', '.join('model.' + k for k in unknown)}")
-    for key in ("gate_bias_init",):
-        raw[key] = tuple(raw[key])
-    if raw.get("align_layers") is not None:
-        raw["align_layers"] = tuple(raw["align_layers"])
-    return ModelConfig(**raw)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks made once at start; each error names the config key."""
     for key in ("total_steps", "batch_size", "eval_batch_size"):
         if int(config[key]) <= 0:
-            raise ValueError(f"config.{key}={config[key]} must be > 0")
+            raise UserError(f"config.{key}={config[key]} must be > 0")
     for key in ("log_every", "eval_every", "checkpoint_every"):
         if int(config[key]) < 0:
-            raise ValueError(f"config.{key}={config[key]} must be >= 0")
+            raise UserError(f"config.{key}={config[key]} must be >= 0")
     if config.optim.grad_accum_steps < 1:
-        raise ValueError(f"config.optim.grad_accum_steps={config.optim.grad_accum_steps} must be >= 1")
+        raise UserError(f"config.optim.grad_accum_steps={config.optim.grad_accum_steps} must be >= 1")
     if config.batch_size % config.optim.grad_accum_steps:
-        raise ValueError(
+        raise UserError(
             f"config.batch_size={config.batch_size} is not divisible by "
             f"config.optim.grad_accum_steps={config.optim.grad_accum_steps}"
         )
     if config.optim.schedule not in ("cosine", "constant"):
-        raise ValueError(f"config.optim.schedule={config.optim.schedule!r}; expected cosine or constant")
+        raise UserError(f"config.optim.schedule={config.optim.schedule!r}; expected cosine or constant")
     mcfg = model_config(config)
     if mcfg.image_size != config.data.image_size:
-        raise ValueError(
+        raise UserError(
             f"config.model.image_size={mcfg.image_size} differs from config.data.image_size={config.data.image_size}"
         )
     if len(config.mesh.axes) != len(config.mesh.shape):
-        raise ValueError(
+        raise UserError(
             f"config.mesh.axes {config.mesh.axes} and config.mesh.shape {config.mesh.shape} differ in length"
         )
     if mcfg.interaction_constraint and not (config.teacher.store or config.teacher.auto):
-        raise ValueError(
+        raise UserError(
             "config.model.interaction_constraint is on but no teacher is configured: "
             "set config.teacher.store (or config.teacher.auto='oracle')"
         )
     if config.teacher.auto not in ("", "oracle"):
-        raise ValueError(f"config.teacher.auto={config.teacher.auto!r}; expected '' or 'oracle'")
+        raise UserError(f"config.teacher.auto={config.teacher.auto!r}; expected '' or 'oracle'")
 
 
 # ---- shared by the experiment files in configs/ ----
@@ -387,21 +373,57 @@ def set_ablation(config, name: str) -> None:
     config.model.gated_control = gc
 
 
+# The paper's frozen setting (section 5.1.2): the pretrained transformer layers frozen, only the
+# interaction queries, gates and head trained. Regexes over "/"-joined parameter paths.
+PAPER_FREEZE = (".*",)
+PAPER_TRAINABLE = (r".*interaction_query.*", r".*/gate/.*", r"^classifier/.*")
+# The original query projections (W_q and its bias) of every layer: the weights the teacher
+# supervises in Table 3's `ic_only` row, which has no interaction queries of its own.
+ORIGINAL_QUERIES = r"^encoder/layer/\d+/attention/query/"
+
+
+def paper_trainable(model: str) -> tuple[str, ...]:
+    """The trainable patterns of the frozen setting for Table 3 row `model`.
+
+    `ic_only` ("IC on the original queries") also trains the original queries: frozen, the
+    alignment loss would reach no trainable weight and the row would equal the ViT row (only
+    the head trains). The other rows train what PAPER_TRAINABLE names.
+    """
+    return PAPER_TRAINABLE + ((ORIGINAL_QUERIES,) if model == "ic_only" else ())
+
+
+def set_paper_init(config, model: str, *, scratch: bool, scratch_lr: float, scratch_warmup: int) -> None:
+    """From a pretrained ViT with the frozen setting for row `model` (the paper's setting; the
+    checkpoint path is a placeholder to override), or from scratch with every weight trained."""
+    if scratch:
+        config.optim.lr = scratch_lr
+        config.optim.warmup_steps = scratch_warmup
+        return
+    config.init.hf = "/path/to/vit-checkpoint"  # a Hugging Face ViT directory (local path)
+    config.optim.freeze = PAPER_FREEZE
+    config.optim.trainable = paper_trainable(model)
+
+
 __all__ = [
     "ABLATIONS",
     "CONFIG_DIR",
+    "ORIGINAL_QUERIES",
+    "PAPER_DTYPE",
     "PAPER_FREEZE",
     "PAPER_TRAINABLE",
     "VARIANTS",
     "base_config",
     "load_config_file",
+    "load_config_module",
     "model_config",
     "model_fields",
+    "paper_trainable",
     "parse_arg",
     "parse_tuple",
     "parse_value",
     "set_ablation",
     "set_key",
+    "set_paper_init",
     "split_config_spec",
     "validate",
 ]

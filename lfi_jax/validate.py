@@ -218,9 +218,13 @@ def check_teacher(config, source, store) -> tuple[str | None, int]:
 
 
 def validate_for_training(
-    config, mesh, source, store=None, *, open_source: SourceOpener = get_source
+    config, mesh, source, store=None, *, teacher: bool = True, open_source: SourceOpener = get_source
 ) -> StartupReport:
-    """All start-up checks (module docstring); raises UserError (one line) at the first failure."""
+    """All start-up checks (module docstring); raises UserError (one line) at the first failure.
+
+    teacher=False skips the store check (and reports no store): for a caller that validates
+    before it builds an automatic teacher store, then calls `check_teacher` on the result.
+    """
     try:
         validate_config(config)
     except UserError:
@@ -235,14 +239,14 @@ def validate_for_training(
         classes = tuple(getattr(source, "class_names", None) or ())
     check_first_example(source, "config.data.train_split")
     evals = check_eval_splits(config, source, open_source=open_source)
-    teacher, missing = check_teacher(config, source, store)
+    store_path, missing = check_teacher(config, source, store) if teacher else (None, 0)
     return StartupReport(
         data=str(source.name),
         train_split=str(source.split),
         train_examples=len(source),
         classes=tuple(str(c) for c in classes),
         eval_splits=evals,
-        teacher=teacher,
+        teacher=store_path,
         teacher_missing=missing,
         batch_devices=n,
     )

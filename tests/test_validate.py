@@ -170,6 +170,8 @@ def test_embedded_benchmark_runlocal_with_its_teacher(tmp_path):
     msg = _fails(clean, mesh_of((1, 1)), _train_source(clean), store_dir)
     assert msg.startswith(f"config.teacher.store: teacher store {store_dir} does not fit")
     assert "spurious_p" in msg and "0.7" in msg and "0.0" in msg
+    # validated before the store exists (teacher=False), the store checked afterwards
+    assert validate_for_training(clean, mesh_of((1, 1)), _train_source(clean), None, teacher=False).teacher is None
     # no store while the model reads one
     msg = _fails(c, mesh_of((1, 1)), src, None)
     assert msg.startswith("config.model.interaction_constraint is on but no teacher store is in use")
