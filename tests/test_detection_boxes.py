@@ -9,6 +9,7 @@ from lfi_jax.detection.boxes import (
     box_iou,
     cxcywh_to_xyxy,
     generalized_box_iou,
+    paired_generalized_box_iou,
     xyxy_to_cxcywh,
     xyxy_to_xywh,
 )
@@ -76,4 +77,6 @@ def test_giou_matches_numpy_float64(seed):
     giou = generalized_box_iou(jnp.asarray(a_xyxy, jnp.float32), jnp.asarray(b_xyxy, jnp.float32))
     np.testing.assert_allclose(iou, iou_ref, atol=1e-6)
     np.testing.assert_allclose(giou, giou_ref, atol=1e-6)
+    paired = paired_generalized_box_iou(jnp.asarray(a_xyxy[:5], jnp.float32), jnp.asarray(b_xyxy, jnp.float32))
+    np.testing.assert_allclose(paired, np.diag(giou_ref[:5]), atol=1e-6)
     assert (giou_ref < 0).any() and (iou_ref > 0).any()  # the draw covers both cases

@@ -57,11 +57,23 @@ def generalized_box_iou(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
     return iou - (enclose - union) / enclose
 
 
+def paired_generalized_box_iou(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+    """Generalized IoU of corresponding xyxy boxes a [..., 4], b [..., 4] -> [...] (the pairwise diagonal)."""
+    area_a, area_b = box_area(a), box_area(b)
+    wh = jnp.maximum(jnp.minimum(a[..., 2:], b[..., 2:]) - jnp.maximum(a[..., :2], b[..., :2]), 0.0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area_a + area_b - inter
+    ewh = jnp.maximum(jnp.maximum(a[..., 2:], b[..., 2:]) - jnp.minimum(a[..., :2], b[..., :2]), 0.0)
+    enclose = ewh[..., 0] * ewh[..., 1]
+    return inter / union - (enclose - union) / enclose
+
+
 __all__ = [
     "box_area",
     "box_iou",
     "cxcywh_to_xyxy",
     "generalized_box_iou",
+    "paired_generalized_box_iou",
     "xyxy_to_cxcywh",
     "xyxy_to_xywh",
 ]
