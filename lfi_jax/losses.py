@@ -73,3 +73,79 @@ def alignment_loss(
         kl = _xlogy_ratio(a, jnp.log(jnp.maximum(a, tiny)), jnp.log(t_eps))
     per_example = jnp.mean(kl, axis=1)  # over layers
     return _masked_mean(per_example, mask)
+
+
+DENSE_ALIGN = ("query_mean", "matched_mean")
+
+
+def dense_student_maps(agt_rows, key_mask, query_mask=None):
+    """a_l of SPEC section 7: [B, L, H, Nq, Nk] C_agt rows -> ([B, L, Nk] maps, [B, L] weights).
+
+    a_l = mean over heads and (masked) queries, restricted to the valid keys and renormalised
+    to sum 1. Also accepts agt_rows already reduced over heads and queries, [B, L, Nk] (then
+    query_mask must be None). The weight of (example, layer) is 1 where it has at least one
+    selected query, else 0 (its map is then 0).
+    """
+    f32 = jnp.float32
+    tiny = jnp.finfo(f32).tiny
+    rows = agt_rows.astype(f32)
+    if rows.ndim == 5:
+        b, layers, _, nq, _ = rows.shape
+        if query_mask is None:
+            a = jnp.mean(rows, axis=(2, 3))
+            weight = jnp.ones((b, layers), f32)
+        else:
+            qm = query_mask.astype(f32)
+            if qm.ndim == 2:
+                qm = jnp.broadcast_to(qm[:, None, :], (b, layers, nq))
+            if qm.shape != (b, layers, nq):
+                raise ValueError(
+                    f"dense_alignment_loss: query_mask must be [B, Nq] or [B, L, Nq], got {query_mask.shape}"
+                )
+            count = jnp.sum(qm, axis=-1)  # [B, L]
+            a = jnp.einsum("blhqk,blq->blk", rows, qm) / (rows.shape[2] * jnp.maximum(count, 1.0))[..., None]
+            weight = (count > 0).astype(f32)
+    elif rows.ndim == 3:
+        if query_mask is not None:
+            raise ValueError("dense_alignment_loss: query_mask needs the [B, L, H, Nq, Nk] rows, got [B, L, Nk] maps")
+        a = rows
+        weight = jnp.ones(rows.shape[:2], f32)
+    else:
+        raise ValueError(f"dense_alignment_loss: agt_rows must be [B, L, H, Nq, Nk] or [B, L, Nk], got {rows.shape}")
+    a = jnp.where(key_mask[:, None, :], a, 0.0)
+    a = a / jnp.maximum(jnp.sum(a, axis=-1, keepdims=True), tiny)
+    return a, weight
+
+
+def dense_alignment_loss(agt_rows, teacher, key_mask, query_mask=None, *, example_mask=None):
+    """Dense L_align of SPEC section 7: KL(C_vlm || a_l), averaged over decoder layers.
+
+    agt_rows: [B, L, H, Nq, Nk] cross-attention C_agt rows of L layers (the op's
+        return_rows=True output, stacked), or [B, L, Nk] already averaged over heads and
+        queries (see `dense_student_maps`).
+    teacher: [B, Nk] the dense teacher map pooled onto the detector's key grid, 0 on padded
+        keys, summing to 1 over the valid ones.
+    key_mask: [B, Nk] bool, True = valid key.
+    query_mask: None (`dense_align="query_mean"`: every query) or [B, Nq] / [B, L, Nq] with 1
+        on the queries the matcher assigned to an object (`"matched_mean"`, per layer when the
+        layers are matched separately).
+    example_mask: optional [B]; 0 = no teacher map for that example.
+    Returns the mean of the KL over the (example, layer) pairs that have at least one
+    selected query and a teacher map (0 if there is none): with every query selected, the
+    mean over layers and batch.
+    """
+    if teacher.ndim != 2 or tuple(key_mask.shape) != tuple(teacher.shape):
+        raise ValueError(
+            f"dense_alignment_loss: teacher {teacher.shape} and key_mask {key_mask.shape} must both be [B, Nk]"
+        )
+    if agt_rows.shape[0] != teacher.shape[0] or agt_rows.shape[-1] != teacher.shape[1]:
+        raise ValueError(
+            f"dense_alignment_loss: agt_rows {agt_rows.shape} do not match teacher [B, Nk] {teacher.shape}"
+        )
+    a, weight = dense_student_maps(agt_rows, key_mask, query_mask)
+    tiny = jnp.finfo(jnp.float32).tiny
+    t = jnp.where(key_mask, teacher.astype(jnp.float32), 0.0)[:, None, :]  # [B, 1, Nk]
+    kl = _xlogy_ratio(jnp.broadcast_to(t, a.shape), jnp.log(jnp.maximum(t, tiny)), jnp.log(jnp.maximum(a, tiny)))
+    if example_mask is not None:
+        weight = weight * example_mask.astype(jnp.float32)[:, None]
+    return jnp.sum(kl * weight) / jnp.maximum(jnp.sum(weight), 1.0)

@@ -19,21 +19,38 @@ def _sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def interaction_attention_ref(q, q2, k, v, gate):
-    """q, q2, k, v [B, N, H, d]; returns o [B, N, H, d], agt_cls [B, H, N] in float64."""
+def _gate_dict(gate):
+    if gate is None or isinstance(gate, dict):
+        return gate
+    return {key: val for key, val in gate._asdict().items() if val is not None}  # GateParams
+
+
+def interaction_attention_ref(q, q2, k, v, gate, key_mask=None, return_rows=False):
+    """q, q2 [B, Nq, H, d], k, v [B, Nk, H, d], key_mask [B, Nk] (True = valid) or None.
+
+    Softmaxes over the valid keys only (0 elsewhere), the gate's z scaled by the number of
+    valid keys. Returns o [B, Nq, H, d] and agt_cls [B, H, Nk] (or, with return_rows, the
+    whole C_agt [B, H, Nq, Nk]) in float64.
+    """
     q, q2, k, v = (np.asarray(t, np.float64) for t in (q, q2, k, v))
-    b, n, h, d = q.shape
+    gate = _gate_dict(gate)
+    b, nq, h, d = q.shape
+    nk = k.shape[1]
+    mask = np.ones((b, nk), bool) if key_mask is None else np.asarray(key_mask, bool)
     o = np.zeros_like(q)
-    agt_cls = np.zeros((b, h, n))
+    rows = np.zeros((b, h, nq, nk))
     for bi in range(b):
+        idx = np.flatnonzero(mask[bi])
+        n = len(idx)
         for hi in range(h):
-            s = q[bi, :, hi] @ k[bi, :, hi].T / math.sqrt(d)
-            s2 = q2[bi, :, hi] @ k[bi, :, hi].T / math.sqrt(d)
+            kk, vv = k[bi, idx, hi], v[bi, idx, hi]
+            s = q[bi, :, hi] @ kk.T / math.sqrt(d)
+            s2 = q2[bi, :, hi] @ kk.T / math.sqrt(d)
             c_vfm, c_agt = _softmax(s), _softmax(s2)
             if gate is None:
                 c_f = (c_agt + c_vfm) / 2
             else:
-                z = np.stack([n * c_agt, n * c_vfm], axis=-1)  # [N, N, 2]
+                z = np.stack([n * c_agt, n * c_vfm], axis=-1)  # [Nq, n, 2]
                 g = {key: np.asarray(val, np.float64)[hi] for key, val in gate.items()}
                 if "w1" in g:
                     u = _gelu(z @ g["w1"] + g["b1"])
@@ -42,9 +59,51 @@ def interaction_attention_ref(q, q2, k, v, gate):
                     logits = z @ g["w2"] + g["b2"]
                 gg = _sigmoid(logits)
                 c_f = gg[..., 0] * c_agt + gg[..., 1] * c_vfm
-            o[bi, :, hi] = c_f @ v[bi, :, hi]
-            agt_cls[bi, hi] = c_agt[0]
-    return o, agt_cls
+            o[bi, :, hi] = c_f @ vv
+            rows[bi, hi][:, idx] = c_agt
+    return o, (rows if return_rows else rows[:, :, 0, :])
+
+
+def dot_product_attention_ref(q, k, v, key_mask=None):
+    """Plain masked softmax attention in float64: o [B, Nq, H, d], C [B, H, Nq, Nk]."""
+    q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+    b, nq, h, d = q.shape
+    mask = np.ones(k.shape[:2], bool) if key_mask is None else np.asarray(key_mask, bool)
+    o = np.zeros_like(q)
+    c = np.zeros((b, h, nq, k.shape[1]))
+    for bi in range(b):
+        idx = np.flatnonzero(mask[bi])
+        for hi in range(h):
+            p = _softmax(q[bi, :, hi] @ k[bi, idx, hi].T / math.sqrt(d))
+            o[bi, :, hi] = p @ v[bi, idx, hi]
+            c[bi, hi][:, idx] = p
+    return o, c
+
+
+def dense_alignment_loss_ref(rows, teacher, key_mask, query_mask=None, example_mask=None):
+    """SPEC section 7 in float64. rows [B, L, H, Nq, Nk]; teacher [B, Nk]; key_mask [B, Nk];
+    query_mask [B, Nq] or [B, L, Nq] (None: all queries). Mean of KL(t || a_l) over the
+    (example, layer) pairs that have at least one query and a teacher map."""
+    rows = np.asarray(rows, np.float64)
+    b, L, h, nq, nk = rows.shape
+    t = np.asarray(teacher, np.float64)
+    km = np.asarray(key_mask, bool)
+    qm = np.ones((b, L, nq)) if query_mask is None else np.asarray(query_mask, np.float64)
+    if qm.ndim == 2:
+        qm = np.repeat(qm[:, None], L, axis=1)
+    em = np.ones(b) if example_mask is None else np.asarray(example_mask, np.float64)
+    total, count = 0.0, 0.0
+    for i in range(b):
+        for l in range(L):
+            sel = np.flatnonzero(qm[i, l] > 0)
+            if len(sel) == 0 or em[i] == 0:
+                continue
+            a = rows[i, l][:, sel].mean(axis=(0, 1))  # heads and selected queries -> [Nk]
+            a = np.where(km[i], a, 0.0)
+            a = a / a.sum()
+            total += sum(tj * (math.log(tj) - math.log(aj)) for tj, aj in zip(t[i], a) if tj > 0)
+            count += 1
+    return total / max(count, 1.0)
 
 
 def alignment_loss_ref(agt_cls, teacher, mask=None, direction="teacher_student", eps=1e-6):
@@ -82,7 +141,10 @@ def random_attention_inputs(rng, b, n, h, d, kind, *, hidden=4, dtype=None):
             "b2": jnp.asarray(rng.normal(size=(h, 2)), f32),
         }
     elif kind == "linear":
-        gate = {"w2": jnp.asarray(rng.normal(size=(h, 2, 2)) * 0.7, f32), "b2": jnp.asarray(rng.normal(size=(h, 2)), f32)}
+        gate = {
+            "w2": jnp.asarray(rng.normal(size=(h, 2, 2)) * 0.7, f32),
+            "b2": jnp.asarray(rng.normal(size=(h, 2)), f32),
+        }
     else:
         gate = None
     do = jnp.asarray(rng.normal(size=(b, n, h, d)), dtype)

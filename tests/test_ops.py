@@ -2,9 +2,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference_math import dot_product_attention_ref, interaction_attention_ref
 
-from lfi_jax.ops import interaction_attention
-from reference_math import interaction_attention_ref
+from lfi_jax.ops import GateParams, default_block_q, dot_product_attention, interaction_attention
 
 
 def make_inputs(b, n, h, d, g, seed=0, dtype=jnp.float32):
@@ -89,6 +89,127 @@ def test_shape_errors_are_clear():
 
 
 def test_default_block_q_bounds_the_block_maps():
-    from lfi_jax.ops.interaction_attention import default_block_q
-
     assert [default_block_q(n) for n in (37, 197, 785, 2048, 3137, 8192, 10**6)] == [128, 128, 128, 128, 64, 32, 16]
+
+
+# ----------------------------------------------------------------------------- cross-attention
+
+
+def _cross_inputs(b, nq, nk, h, d, g, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    q, q2, _, _, gate = make_inputs(b, nq, h, d, g, seed=seed)
+    k, v = (jax.random.normal(ks[i], (b, nk, h, d)) for i in range(2))
+    valid = np.ones((b, nk), bool)
+    valid[0, nk - 3 :] = False  # padded keys at the end of example 0
+    if b > 1:
+        valid[1, [1, 4]] = False  # and in the middle of example 1
+    return q, q2, k, v, gate, jnp.asarray(valid)
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+@pytest.mark.parametrize("nq,nk,g", [(7, 19, 3), (40, 13, 0), (9, 9, None)])
+def test_cross_attention_with_key_mask_matches_float64_reference(impl, nq, nk, g):
+    q, q2, k, v, gate, mask = _cross_inputs(2, nq, nk, 2, 8, g, seed=nq)
+    o, rows = interaction_attention(q, q2, k, v, gate, impl=impl, block_q=16, key_mask=mask, return_rows=True)
+    o_ref, rows_ref = interaction_attention_ref(q, q2, k, v, gate, key_mask=mask, return_rows=True)
+    assert rows.shape == (2, 2, nq, nk) and rows.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(o), o_ref, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(np.asarray(rows), rows_ref, atol=1e-6, rtol=1e-5)
+    assert float(jnp.max(jnp.where(mask[:, None, None, :], 0.0, rows))) == 0.0  # no mass on padding
+    _, cls = interaction_attention(q, q2, k, v, gate, impl=impl, block_q=16, key_mask=mask)
+    np.testing.assert_allclose(np.asarray(cls), rows_ref[:, :, 0], atol=1e-6, rtol=1e-5)
+
+
+def test_padded_keys_do_not_change_the_output():
+    """Appending masked keys (any values) gives the same result as leaving them out."""
+    q, q2, k, v, gate, _ = _cross_inputs(1, 5, 11, 2, 8, 4, seed=3)
+    junk = jax.random.normal(jax.random.key(5), (1, 6, 2, 8)) * 10
+    kp, vp = jnp.concatenate([k, junk], 1), jnp.concatenate([v, junk], 1)
+    mask = jnp.arange(17)[None] < 11
+    for impl in ("xla", "chunked"):
+        o, rows = interaction_attention(q, q2, k, v, gate, impl=impl, return_rows=True)
+        op, rowsp = interaction_attention(q, q2, kp, vp, gate, impl=impl, key_mask=mask, return_rows=True)
+        np.testing.assert_allclose(np.asarray(op), np.asarray(o), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(rowsp[..., :11]), np.asarray(rows), atol=1e-7)
+
+
+def _numeric_grads(f, args, eps=1e-4):
+    """Central differences of a float64 scalar function of a tuple of arrays."""
+    out = []
+    for i, x in enumerate(args):
+        x = np.array(x, np.float64)
+        g = np.zeros_like(x)
+        for idx in np.ndindex(x.shape):
+            hi, lo = x.copy(), x.copy()
+            hi[idx] += eps
+            lo[idx] -= eps
+            g[idx] = (f(*args[:i], hi, *args[i + 1 :]) - f(*args[:i], lo, *args[i + 1 :])) / (2 * eps)
+        out.append(g)
+    return out
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+def test_cross_attention_gradients_match_float64_finite_differences(impl):
+    b, nq, nk, h, d, g = 2, 3, 5, 2, 4, 2
+    q, q2, k, v, gate, mask = _cross_inputs(b, nq, nk, h, d, g, seed=11)
+    mask = mask.at[0, 1].set(False)
+    r = np.random.default_rng(0)
+    wo = r.normal(size=(b, nq, h, d))
+    wr = r.normal(size=(b, h, nq, nk)) * nk
+    keys = ("w1", "b1", "w2", "b2")
+    args = (q, q2, k, v) + tuple(gate[key] for key in keys)
+
+    def loss_ref(*a):
+        o, rows = interaction_attention_ref(*a[:4], dict(zip(keys, a[4:])), key_mask=mask, return_rows=True)
+        return float(np.sum(o * wo) + np.sum(rows * wr))
+
+    def loss(*a):
+        o, rows = interaction_attention(
+            *a[:4], dict(zip(keys, a[4:])), impl=impl, block_q=2, key_mask=mask, return_rows=True
+        )
+        return jnp.sum(o * wo) + jnp.sum(rows * wr)
+
+    grads = jax.grad(loss, argnums=tuple(range(len(args))))(*args)
+    expected = _numeric_grads(loss_ref, [np.asarray(a, np.float64) for a in args])
+    for name, got, want in zip(("q", "q2", "k", "v") + keys, grads, expected):
+        np.testing.assert_allclose(np.asarray(got), want, atol=2e-4, rtol=1e-3, err_msg=name)
+    # Masked keys receive no gradient at all.
+    assert float(jnp.max(jnp.abs(jnp.where(mask[..., None, None], 0.0, grads[2])))) == 0.0
+    assert float(jnp.max(jnp.abs(jnp.where(mask[..., None, None], 0.0, grads[3])))) == 0.0
+
+
+def test_dot_product_attention_with_mask_matches_reference():
+    q, _, k, v, _, mask = _cross_inputs(2, 6, 10, 3, 8, None, seed=4)
+    o, c = dot_product_attention(q, k, v, key_mask=mask)
+    o_ref, c_ref = dot_product_attention_ref(q, k, v, key_mask=mask)
+    np.testing.assert_allclose(np.asarray(o), o_ref, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(c), c_ref, atol=1e-6)
+    o2, c2 = dot_product_attention(q, k, v)
+    o2_ref, c2_ref = dot_product_attention_ref(q, k, v)
+    np.testing.assert_allclose(np.asarray(o2), o2_ref, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(c2), c2_ref, atol=1e-6)
+
+
+def test_gate_params_and_dict_forms_agree():
+    q, q2, k, v, gate = make_inputs(1, 9, 2, 8, 3, seed=2)
+    params = GateParams.from_dict(gate)
+    assert params.hidden == 3 and GateParams.from_dict({"w2": gate["w2"][:, :2], "b2": gate["b2"]}).hidden == 0
+    o1, c1 = interaction_attention(q, q2, k, v, gate)
+    o2, c2 = interaction_attention(q, q2, k, v, params)
+    np.testing.assert_array_equal(np.asarray(o1), np.asarray(o2))
+    np.testing.assert_array_equal(np.asarray(c1), np.asarray(c2))
+    linear = GateParams(None, None, gate["w2"][:, :2], gate["b2"])
+    g = jax.grad(lambda p: jnp.sum(interaction_attention(q, q2, k, v, p)[0]))(linear)
+    assert isinstance(g, GateParams) and g.w1 is None and g.w2.shape == (2, 2, 2)
+    with pytest.raises(ValueError, match="expected keys"):
+        GateParams.from_dict({"w1": gate["w1"], "w2": gate["w2"]})
+
+
+def test_cross_attention_errors_name_the_argument():
+    q, q2, k, v, gate, mask = _cross_inputs(2, 4, 6, 2, 8, 2)
+    with pytest.raises(ValueError, match="key_mask must be"):
+        interaction_attention(q, q2, k, v, gate, key_mask=mask[:, :5])
+    with pytest.raises(ValueError, match="q2 has shape"):
+        interaction_attention(q, q2[:, :3], k, v, gate)
+    with pytest.raises(ValueError, match="v has 5"):
+        interaction_attention(q, q2, k, v[:, :5], gate)

@@ -22,11 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference_math import random_attention_inputs
 
-from lfi_jax.ops import interaction_attention
+from lfi_jax.ops import GateParams, interaction_attention
 from lfi_jax.ops.pallas import gate as gatelib
 from lfi_jax.ops.pallas import interaction_attention_pallas
-from reference_math import random_attention_inputs
 
 B, H = 1, 2
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 1.5e-2}
@@ -152,12 +152,13 @@ def test_gelu_approximation_is_float32_accurate():
 @pytest.mark.parametrize("kind", ["hidden", "linear"])
 def test_gate_pack_roundtrip(kind):
     (_, _, _, _, gate), _ = _inputs(8, 8, jnp.float32, kind, hidden=3)
+    gate = GateParams.from_dict(gate)
     spec = gatelib.gate_spec(gate)
     packed = gatelib.pack(gate, spec)
     assert packed.shape == (H, 128)
     back = gatelib.unpack(packed, gate, spec)
-    for key in gate:
-        np.testing.assert_array_equal(back[key], gate[key])
+    for key, val in gate.to_dict().items():
+        np.testing.assert_array_equal(getattr(back, key), val)
 
 
 def test_bad_arguments_name_the_problem():
@@ -180,7 +181,9 @@ def _abstract(kind, n=785, d=64, dtype=jnp.bfloat16, hidden=8):
     x = s((2, n, 6, d), dtype)
     f32 = jnp.float32
     gate = {
-        "hidden": {"w1": s((6, 2, hidden), f32), "b1": s((6, hidden), f32), "w2": s((6, hidden, 2), f32), "b2": s((6, 2), f32)},
+        "hidden": {
+            "w1": s((6, 2, hidden), f32), "b1": s((6, hidden), f32), "w2": s((6, hidden, 2), f32), "b2": s((6, 2), f32)
+        },
         "linear": {"w2": s((6, 2, 2), f32), "b2": s((6, 2), f32)},
         "none": None,
     }[kind]

@@ -17,12 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from reference_math import random_attention_inputs
 
 from lfi_jax import sharding as shd
 from lfi_jax.ops import interaction_attention
-from lfi_jax.ops.interaction_attention import shard_plan
-from reference_math import random_attention_inputs
+from lfi_jax.ops.pallas.sharded import shard_plan
 
 B, N, H, D, G = 8, 37, 4, 16, 3
 TOL = 2e-5  # max |x - ref| / max |ref|, float32 (pallas vs xla agree to ~1e-6)

@@ -56,14 +56,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lfi_jax.ops.pallas import gate as gatelib
-from lfi_jax.ops.pallas import kernels
+import lfi_jax.ops.pallas.gate as gatelib
+import lfi_jax.ops.pallas.kernels as kernels
+from lfi_jax.ops.reference import Gate, as_gate, check_inputs, chunked_attention
 
 BACKENDS = ("gpu", "tpu", "cpu")
 BWD_IMPLS = ("pallas", "jnp")
@@ -101,7 +101,9 @@ def _fit_block(name: str, value: int, n: int, backend: str) -> int:
         return min(value, max(16, _next_pow2(n)))
     align = 128 if backend == "tpu" else 8
     if value <= 0 or value % align:
-        raise ValueError(f"interaction_attention_pallas: {name}={value} must be a positive multiple of {align} on {backend}")
+        raise ValueError(
+            f"interaction_attention_pallas: {name}={value} must be a positive multiple of {align} on {backend}"
+        )
     return min(value, -(-n // align) * align)
 
 
@@ -128,8 +130,9 @@ def interaction_attention_pallas(
     q2,
     k,
     v,
-    gate: Mapping[str, jax.Array] | None,
+    gate: Gate,
     *,
+    key_mask=None,
     block_q: int | None = None,
     block_k: int | None = None,
     block_q_bwd: int | None = None,
@@ -145,9 +148,10 @@ def interaction_attention_pallas(
     block_*: tile sizes (forward query/key, backward query/key); defaults per backend in
     DEFAULT_BLOCKS, shrunk for short sequences. bwd_impl: "pallas" or "jnp".
     """
-    from lfi_jax.ops.interaction_attention import _check
-
-    _check(q, q2, k, v, gate)
+    gate = as_gate(gate)
+    check_inputs(q, q2, k, v, gate, key_mask, name="interaction_attention_pallas")
+    if key_mask is not None:
+        raise NotImplementedError("interaction_attention_pallas: key_mask")
     if k.shape[1] != q.shape[1]:
         raise ValueError(
             f"interaction_attention_pallas: needs as many keys as queries, got {k.shape[1]} and {q.shape[1]}"
@@ -163,7 +167,6 @@ def interaction_attention_pallas(
     given = (block_q, block_k, block_q_bwd, block_k_bwd)
     blocks = tuple(d if g is None else int(g) for g, d in zip(given, defaults))
     cfg = _make_config(q, gate, backend, interpret, blocks)
-    gate = None if gate is None else {key: gate[key] for key in gate}
     return _vjp_attention(q, q2, k, v, gate, _Static(cfg, bwd_impl))
 
 
@@ -211,9 +214,7 @@ def _bwd_rule(static, res, cts):
     q, q2, k, v, gate, lse, lse2 = res
     do, dagt = cts
     if static.bwd_impl == "jnp":
-        from lfi_jax.ops.interaction_attention import _chunked
-
-        _, pullback = jax.vjp(_chunked, q, q2, k, v, gate)
+        _, pullback = jax.vjp(chunked_attention, q, q2, k, v, gate)
         return pullback((do, dagt))
     return _pallas_bwd(static.cfg, q, q2, k, v, gate, lse, lse2, do, dagt)
 

@@ -17,11 +17,14 @@ Packing (per head, float32 vector of `lanes` entries; gradients use the same lay
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping
+from math import erf
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lfi_jax.ops.reference import GateParams
 
 # Abramowitz & Stegun 7.1.26: erfc(x) ~ t (a1 + t (a2 + ...)) exp(-x^2), t = 1 / (1 + p x), x >= 0.
 _AS_P = 0.3275911
@@ -49,23 +52,22 @@ class GateSpec:
         return max(128, -(-self.num_params // 128) * 128)
 
 
-def gate_spec(gate: Mapping[str, jax.Array] | None) -> GateSpec:
+def gate_spec(gate: GateParams | None) -> GateSpec:
     if gate is None:
         return GateSpec("none")
-    if "w1" in gate:
-        return GateSpec("hidden", int(gate["w1"].shape[-1]))
+    if gate.hidden:
+        return GateSpec("hidden", gate.hidden)
     return GateSpec("linear")
 
 
-def pack(gate: Mapping[str, jax.Array], spec: GateSpec) -> jax.Array:
-    """Gate dict -> [H, lanes] float32 (layout in the module docstring)."""
+def pack(gate: GateParams, spec: GateSpec) -> jax.Array:
+    """GateParams -> [H, lanes] float32 (layout in the module docstring)."""
     f32 = jnp.float32
+    w2, b2 = gate.w2.astype(f32), gate.b2.astype(f32)
     if spec.kind == "hidden":
-        w1, b1 = gate["w1"].astype(f32), gate["b1"].astype(f32)
-        w2, b2 = gate["w2"].astype(f32), gate["b2"].astype(f32)
+        w1, b1 = gate.w1.astype(f32), gate.b1.astype(f32)
         parts = [w1[:, 0, :], w1[:, 1, :], b1, w2[:, :, 0], w2[:, :, 1], b2]
     elif spec.kind == "linear":
-        w2, b2 = gate["w2"].astype(f32), gate["b2"].astype(f32)
         parts = [w2.reshape(w2.shape[0], 4), b2]
     else:
         raise ValueError(f"pack: gate kind {spec.kind!r} has no parameters")
@@ -73,8 +75,8 @@ def pack(gate: Mapping[str, jax.Array], spec: GateSpec) -> jax.Array:
     return jnp.pad(flat, ((0, 0), (0, spec.lanes - flat.shape[1])))
 
 
-def unpack(flat: jax.Array, gate: Mapping[str, jax.Array], spec: GateSpec) -> dict:
-    """[H, lanes] -> dict shaped (and typed) like `gate` (used for the gradients)."""
+def unpack(flat: jax.Array, gate: GateParams, spec: GateSpec) -> GateParams:
+    """[H, lanes] -> GateParams shaped (and typed) like `gate` (used for the gradients)."""
     h = flat.shape[0]
     if spec.kind == "hidden":
         g = spec.hidden
@@ -82,10 +84,10 @@ def unpack(flat: jax.Array, gate: Mapping[str, jax.Array], spec: GateSpec) -> di
         b1 = flat[:, 2 * g : 3 * g]
         w2 = jnp.stack([flat[:, 3 * g : 4 * g], flat[:, 4 * g : 5 * g]], axis=2)
         b2 = flat[:, 5 * g : 5 * g + 2]
-        out = {"w1": w1, "b1": b1, "w2": w2, "b2": b2}
+        out = GateParams(w1, b1, w2, b2)
     else:
-        out = {"w2": flat[:, 0:4].reshape(h, 2, 2), "b2": flat[:, 4:6]}
-    return {key: out[key].astype(gate[key].dtype) for key in gate}
+        out = GateParams(None, None, flat[:, 0:4].reshape(h, 2, 2), flat[:, 4:6])
+    return jax.tree.map(lambda x, ref: x.astype(ref.dtype), out, gate)
 
 
 def sigmoid(t):
@@ -109,8 +111,6 @@ def gelu_and_grad(h, need_grad: bool = True):
 def gelu_reference_error() -> float:
     """Max |approx - exact| / max(1, |h|) of the GELU above on [-12, 12] (float32 rounding of
     the exact value alone is ~6e-8 on this scale; the tests check this stays below 3e-7)."""
-    from math import erf
-
     hs = np.linspace(-12.0, 12.0, 20001)
     exact = np.array([0.5 * v * (1.0 + erf(v * _SQRT1_2)) for v in hs])
     approx = np.asarray(gelu_and_grad(jnp.asarray(hs, jnp.float32), False)[0], np.float64)

@@ -25,7 +25,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
-from lfi_jax.ops.pallas import gate as gatelib
+import lfi_jax.ops.pallas.gate as gatelib
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: exp(MASK - m) == 0, no NaN
 F32 = jnp.float32
