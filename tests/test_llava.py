@@ -437,3 +437,91 @@ def test_dense_export_and_show_oracle(tiny, tmp_path):
         png = tmp_path / f"{st.manifest['backend']}.png"
         assert show.main(["--store", st.path, "--n", "3", "--out", str(png)]) == 0
         assert Image.open(png).size[0] > 100
+
+
+def test_pad_to_square_puts_the_borders_of_a_non_square_image_on_the_grid(tmp_path):
+    """llava-hf processors resize the short side and centre-crop; LLaVA-1.5 (and SPEC section 3)
+    pads to a square. With pad="square" (the default) the model sees the whole image padded with
+    the processor's mean colour, and the stored geometry maps grid mass back onto the image."""
+    from lfi_jax.data.transforms import render_teacher
+    from lfi_jax.teacher.types import Geometry, TeacherEntry
+
+    ckpt = build_tiny_llava(tmp_path / "crop", do_pad=False)  # a processor that crops
+    img = np.full((16, 32, 3), 40, np.uint8)
+    img[4:8, 0:4] = (255, 0, 0)  # a marker at the left border (a centre crop drops it)
+    padded = LlavaTeacher(ckpt, device="cpu")
+    own = LlavaTeacher(ckpt, device="cpu", pad="processor")
+    prep = padded.prepare([img], ["cat"])
+    geom = prep["geometry"][0]
+    assert geom == Geometry.pad_to_square(16, 32) and geom.box == (-8.0, 0.0, 24.0, 32.0)
+    crop = own.prepare([img], ["cat"])["geometry"][0]
+    assert crop.box == (0.0, 8.0, 16.0, 24.0)  # the crop's columns 8..24: the marker is outside
+    # Independent: pad by hand (mean colour, truncated like LLaVA's expand2square), normalise.
+    ip = padded.processor.image_processor
+    mean, std = np.asarray(ip.image_mean, np.float64), np.asarray(ip.image_std, np.float64)
+    want = np.empty((32, 32, 3), np.float64)
+    want[:] = [int(255 * m) for m in ip.image_mean]
+    want[8:24] = img
+    want = (want / 255.0 - mean) / std
+    got = prep["inputs"]["pixel_values"][0].permute(1, 2, 0).double().numpy()
+    np.testing.assert_allclose(got, want, atol=2e-2)
+    # Mass on the grid cell that holds the marker (4x4 grid of 8-pixel patches: row 1, column 0)
+    # lands on the marker's region of the original image, rows 0..8 and columns 0..8.
+    m = np.zeros((padded.grid_h, padded.grid_w), np.float32)
+    m[1, 0] = 1.0
+    mass = render_teacher(TeacherEntry(m, geom))
+    assert mass.shape == (16, 32)
+    np.testing.assert_allclose(mass[0:8, 0:8].sum(), 1.0, atol=1e-6)
+    assert mass[8:].sum() == 0 and mass[:, 8:].sum() == 0
+    # A processor without a pad of its own: the image is padded before it, same input and geometry.
+    padded.pad_before, ip.do_pad = True, False
+    again = padded.prepare([img], ["cat"])
+    assert again["geometry"][0] == geom
+    np.testing.assert_allclose(again["inputs"]["pixel_values"].numpy(), prep["inputs"]["pixel_values"].numpy(), atol=1e-5)
+    assert padded.provenance()["image_pad"] == "square" and own.provenance()["image_pad"] == "processor"
+
+
+def test_processor_without_patch_size_is_a_clear_error(tiny, tmp_path):
+    broken = tmp_path / "no_patch"
+    shutil.copytree(tiny, broken)
+    cfg_file = broken / "processor_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg.pop("patch_size", None)
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"no patch_size.*\"patch_size\": 8"):
+        LlavaTeacher(str(broken), device="cpu")
+
+
+def test_export_refuses_other_settings_before_loading_the_model(tiny, tmp_path, monkeypatch):
+    from lfi_jax.data.sources import get_source
+    from lfi_jax.teacher import llava_export
+    from lfi_jax.teacher.export import export_store
+
+    src = get_source(f"imagefolder:{_image_folder(tmp_path / 'imgs', sizes=((20, 40), (32, 32)))}", "train")
+    out = str(tmp_path / "store")
+    export_store(src, out, "llava", shard_size=2, progress=False, model=tiny, device="cpu")
+
+    def no_loading(*a, **k):
+        raise AssertionError("the model was loaded before the settings were compared")
+
+    llava_export._CACHE.clear()
+    monkeypatch.setattr(llava_export, "LlavaTeacher", no_loading)
+    with pytest.raises(ValueError, match=r"manifest\.teacher\.prompt: store has .*this export has \"Where is it\""):
+        export_store(src, out, "llava", shard_size=2, progress=False, model=tiny, device="cpu", prompt="Where is it")
+    with pytest.raises(ValueError, match=r"manifest\.teacher\.image_pad"):
+        export_store(src, out, "llava", shard_size=2, progress=False, model=tiny, device="cpu", pad="processor")
+
+
+def test_export_error_line_is_not_glued_to_the_progress_bar(tiny, tmp_path, capsys):
+    from lfi_jax.teacher import export
+
+    data = _image_folder(tmp_path / "imgs", sizes=((20, 40), (32, 32)))
+    (data / "red_fox" / "zz_broken.png").write_bytes(b"not an image")  # read after a drawn bar
+    rc = export.main(["--teacher=llava", f"--model={tiny}", f"--data=imagefolder:{data}",
+                      f"--out={tmp_path / 'store'}", "--device=cpu", "--batch_size=1"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "\rllava [" in err  # the bar was drawn
+    error_lines = [line for line in err.split("\n") if "error:" in line]
+    assert len(error_lines) == 1 and error_lines[0].startswith("error: "), err
+    assert "zz_broken.png" in error_lines[0]

@@ -300,3 +300,44 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "manifest.teacher.noise.uniform: store has 0.2, this export has 0.3" in capsys.readouterr().err
     assert export.main([c.replace("canvas=24", "canvas=32") for c in cmd]) == 2
     assert "manifest.data_options.canvas" in capsys.readouterr().err
+
+
+def test_ctrl_c_ends_with_one_line_of_what_was_saved(tmp_path, monkeypatch, capsys):
+    real, calls = oracle.export_backend, []
+
+    def interrupted_in_second_shard(source, indices, options):
+        calls.append(list(indices))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(source, indices, options)
+
+    _use_backend(monkeypatch, "oracle", interrupted_in_second_shard)
+    out = str(tmp_path / "s")
+    cmd = ["--data=shortcut_digits", f"--out={out}", "--grid=4", "--shard_size=4", "--data_option", "num_train=10",
+           "--data_option", "canvas=24"]
+    assert export.main(cmd) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if x.startswith("interrupted")]
+    assert f"export {out}: 1 of 3 shards saved" in line and "re-run" in line
+    _use_backend(monkeypatch, "oracle", real)
+    assert export.main(cmd) == 0 and TeacherStore(out).manifest["count"] == 10
+
+
+def test_show_samples_across_classes_by_default(tmp_path):
+    from lfi_jax.data.sources import get_source
+    from lfi_jax.teacher import show
+
+    src = get_source("shortcut_digits", "train", {"num_train": 60, "canvas": 24})
+    store = export_store(src, str(tmp_path / "s"), shard_size=64, progress=False, grid=4,
+                         data_options={"num_train": 60, "canvas": 24})
+    labels = [src[i]["label"] for i in range(len(src))]  # read from the examples themselves
+    classes = len(set(labels))
+    picked = show.pick(src, store, classes)
+    assert len({labels[i] for i in picked}) == classes  # every class once
+    assert show.pick(src, store, classes) == picked  # seeded (default seed 0)
+    assert show.pick(src, store, classes, seed=1) != picked
+    assert show.pick(src, store, 5, first=True) == [0, 1, 2, 3, 4]
+    png = tmp_path / "grid.png"
+    assert show.main(["--store", store.path, "--n", "4", "--out", str(png)]) == 0
+    assert show.main(["--store", store.path, "--n", "0", "--out", str(png)]) == 2

@@ -141,7 +141,7 @@ class LlavaTeacher:
                 ip.do_pad = True
             else:
                 self.pad_before = True
-        self.pad_fill = tuple(int(round(255 * float(m))) for m in (getattr(ip, "image_mean", None) or (0, 0, 0)))
+        self.pad_fill = tuple(int(255 * float(m)) for m in (getattr(ip, "image_mean", None) or (0, 0, 0)))
         processor.tokenizer.padding_side = "left"
         if processor.tokenizer.pad_token_id is None:
             processor.tokenizer.pad_token = processor.tokenizer.eos_token or processor.tokenizer.unk_token

@@ -17,9 +17,18 @@ import math
 import sys
 from collections.abc import Sequence
 
+import matplotlib
 import numpy as np
 
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from lfi_jax.cli import add_debug_flag, run_cli
+from lfi_jax.data.sources import get_source
+from lfi_jax.errors import UserError
 from lfi_jax.fileio import save_figure
+from lfi_jax.teacher.export import parse_data_options
+from lfi_jax.teacher.store import TeacherStore
 
 
 def overlay(ax, image: np.ndarray, entry, *, alpha: float = 0.5, cmap: str = "jet", title: str | None = None):
@@ -45,8 +54,23 @@ def overlay(ax, image: np.ndarray, entry, *, alpha: float = 0.5, cmap: str = "je
         ax.set_title(("degenerate: " if entry.degenerate else "") + title, fontsize=7)
 
 
-def pick(source, store, n: int, *, seed: int | None = None, ids: Sequence[str] | None = None) -> list[int]:
-    """Up to `n` source indices whose example id is in `store` (first ones, or a seeded sample)."""
+def _labels(source) -> np.ndarray | None:
+    get = getattr(source, "labels", None)
+    if get is None:
+        return None
+    labels = get()
+    return None if labels is None else np.asarray(labels)
+
+
+def pick(
+    source, store, n: int, *, seed: int | None = 0, ids: Sequence[str] | None = None, first: bool = False
+) -> list[int]:
+    """Up to `n` source indices whose example id is in `store`.
+
+    Default: a seeded sample across classes (classes in a seeded order, then round-robin, each
+    class's members in a seeded order), so a figure shows every class it can; a source without
+    labels is sampled uniformly. `first`: the first n instead. `ids`: exactly those examples.
+    """
     if ids:
         want = set(ids)
         found = {}
@@ -61,7 +85,16 @@ def pick(source, store, n: int, *, seed: int | None = None, ids: Sequence[str] |
         if absent:
             raise ValueError(f"example ids not in teacher store {store.path}: {absent[:5]}")
         return [found[e] for e in ids]
-    order = range(len(source)) if seed is None else np.random.default_rng(seed).permutation(len(source))
+    rng = np.random.default_rng(0 if seed is None else seed)
+    labels = None if first else _labels(source)
+    if first:
+        order: Sequence[int] = range(len(source))
+    elif labels is None or len(labels) != len(source):
+        order = rng.permutation(len(source))
+    else:
+        classes = rng.permutation(np.unique(labels))
+        groups = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
+        order = [int(g[k]) for k in range(max(len(g) for g in groups)) for g in groups if k < len(g)]
     out = []
     for i in order:
         if source.example_id(int(i)) in store:
@@ -76,11 +109,6 @@ def pick(source, store, n: int, *, seed: int | None = None, ids: Sequence[str] |
 def render(store, source, indices: Sequence[int], out: str, *, cols: int = 0, pairs: bool = False,
            alpha: float = 0.5, cmap: str = "jet", dpi: int = 120) -> str:
     """Writes the figure to `out` (atomically; format from the extension); returns `out`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n = len(indices)
     per = 2 if pairs else 1
     cols = max(1, min(n, cols or 4))
@@ -112,16 +140,16 @@ def render(store, source, indices: Sequence[int], out: str, *, cols: int = 0, pa
             ax = axes[r, c]
             ax.axis("on")
             overlay(ax, image, entry, alpha=alpha, cmap=cmap, title=title)
-    teacher = store.manifest.get("teacher", {})
-    model = teacher.get("model") if isinstance(teacher, dict) else None
-    fig.suptitle(f"{store.manifest.get('backend', 'teacher')} maps"
+    prov = store.provenance
+    model = prov.model
+    fig.suptitle(f"{prov.backend or 'teacher'} maps"
                  + (f" ({model})" if model else "") + f", grid {list(store.grid)}", fontsize=9)
     fig.tight_layout()
     save_figure(fig, out, dpi=dpi)
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m lfi_jax.teacher.show", description=__doc__.split("\n\n")[0])
     p.add_argument("--store", required=True, help="teacher store directory")
     p.add_argument("--data", help="data source spec (default: the one in the store's manifest)")
@@ -129,37 +157,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--data_option", action="append", default=None, metavar="KEY=VALUE",
                    help="source option (default: the store's recorded data options)")
     p.add_argument("--n", type=int, default=16, help="number of examples (default 16)")
-    p.add_argument("--ids", help="comma-separated example ids to draw instead of the first n")
-    p.add_argument("--seed", type=int, default=None, help="draw a random sample with this seed")
+    p.add_argument("--ids", help="comma-separated example ids to draw instead of a sample")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample across classes (default 0)")
+    p.add_argument("--first", action="store_true", help="draw the first n examples instead of a sample across classes")
     p.add_argument("--cols", type=int, default=0, help="examples per row (default 4)")
     p.add_argument("--pairs", action="store_true", help="draw each image beside its overlay")
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--cmap", default="jet")
     p.add_argument("--out", required=True, help="output image (png, pdf, svg, jpg)")
+    add_debug_flag(p)
     args = p.parse_args(argv)
+    if args.n < 1:
+        raise UserError(f"--n must be >= 1, got {args.n}")
+    store = TeacherStore(args.store)
+    prov = store.provenance
+    data = args.data or prov.data
+    split = args.split or prov.split
+    if not data or not split:
+        raise UserError(f"teacher store {args.store} records no data source/split; pass --data and --split")
+    options = parse_data_options(args.data_option) if args.data_option is not None else dict(prov.data_options)
+    source = get_source(data, split, options)
+    ids = [s.strip() for s in args.ids.split(",") if s.strip()] if args.ids else None
     try:
-        from lfi_jax.data.sources import get_source
-        from lfi_jax.teacher.export import parse_data_options
-        from lfi_jax.teacher.store import TeacherStore
-
-        if args.n < 1:
-            raise ValueError(f"--n must be >= 1, got {args.n}")
-        store = TeacherStore(args.store)
-        m = store.manifest
-        data = args.data or m.get("data")
-        split = args.split or m.get("split")
-        if not data or not split:
-            raise ValueError(f"teacher store {args.store} records no data source/split; pass --data and --split")
-        options = parse_data_options(args.data_option) if args.data_option is not None else dict(m.get("data_options") or {})
-        source = get_source(data, split, options)
-        ids = [s.strip() for s in args.ids.split(",") if s.strip()] if args.ids else None
-        indices = pick(source, store, args.n, seed=args.seed, ids=ids)
-        render(store, source, indices, args.out, cols=args.cols, pairs=args.pairs, alpha=args.alpha, cmap=args.cmap)
-    except (ValueError, FileNotFoundError, KeyError, IndexError) as e:
-        sys.stderr.write(f"show: error: {e}\n")
-        return 1
+        indices = pick(source, store, args.n, seed=args.seed, ids=ids, first=args.first)
+    except IndexError as e:
+        raise UserError(str(e)) from None
+    render(store, source, indices, args.out, cols=args.cols, pairs=args.pairs, alpha=args.alpha, cmap=args.cmap)
     print(json.dumps({"out": args.out, "examples": len(indices)}))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI (lfi_jax.cli convention: one `error:` line and exit 2 for a user error)."""
+    return run_cli(_main, argv, exit=False)
 
 
 if __name__ == "__main__":
