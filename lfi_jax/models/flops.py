@@ -18,16 +18,21 @@ from __future__ import annotations
 
 import argparse
 
-from lfi_jax.models.vit import ModelConfig, count_params, variant
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lfi_jax.models.config import ModelConfig, ivit_config, variant
+from lfi_jax.models.vit import ViT, count_params
 
 
 def macs(cfg: ModelConfig) -> dict[str, int]:
     """MACs of one forward pass on one image, by part.
 
     Keys: patch_embed, qkv, attn_scores (Q K^T), attn_values (C V), attn_out, mlp, head,
-    layernorm (5 per element, fvcore's convention), interaction_query, interaction_scores (Q' K^T), gate (gate MLP + fusion, or the GC-off
-    average), vit (the ViT parts), paper (vit + interaction_query + interaction_scores: the
-    paper's count), total (paper + gate).
+    layernorm (5 per element, fvcore's convention), interaction_query, interaction_scores
+    (Q' K^T), gate (gate MLP + fusion, or the GC-off average), vit (the ViT parts), paper
+    (vit + interaction_query + interaction_scores: the paper's count), total (paper + gate).
     """
     d, n, L, h, m = cfg.hidden_size, cfg.num_tokens, cfg.depth, cfg.num_heads, cfg.mlp_dim
     p = cfg.patch_size
@@ -75,12 +80,6 @@ def xla_flops(cfg: ModelConfig, batch: int = 1) -> float:
     XLA counts 2 FLOPs per MAC in dots and convolutions, and also every elementwise op
     (softmax, LayerNorm, GELU, the gate), so it reads somewhat above 2 x `macs()["total"]`.
     """
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from lfi_jax.models.vit import ViT
-
     abstract = nnx.eval_shape(lambda: ViT(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
 
@@ -94,12 +93,6 @@ def xla_flops(cfg: ModelConfig, batch: int = 1) -> float:
     return float(cost["flops"]) / batch
 
 
-def _ivit(cfg: ModelConfig, **kw) -> ModelConfig:
-    from lfi_jax.models.ivit import ivit_config
-
-    return ivit_config(cfg, **kw)
-
-
 def tables(names=("S/16", "B/16", "L/16"), *, params_image: int = 224, classes: int = 200,
            flops_image: int = 384, flops_classes: int = 1000) -> str:
     """The markdown tables of docs/models.md."""
@@ -107,7 +100,7 @@ def tables(names=("S/16", "B/16", "L/16"), *, params_image: int = 224, classes: 
              "| model | ViT | I-ViT | delta | of which gates |", "|---|---:|---:|---:|---:|"]
     for name in names:
         vit = variant(name, image_size=params_image, num_classes=classes)
-        a, b = count_params(vit), count_params(_ivit(vit))
+        a, b = count_params(vit), count_params(ivit_config(vit))
         gates = (b - a) - vit.depth * (vit.hidden_size**2 + vit.hidden_size * vit.qkv_bias)  # the rest is Wq'
         lines.append(f"| {name} | {a / 1e6:.2f}M | {b / 1e6:.2f}M | +{(b - a) / 1e6:.2f}M | {gates:,} |")
     lines += ["", f"GMACs per image at {flops_image} px ({flops_classes}-class head):", "",
@@ -115,8 +108,8 @@ def tables(names=("S/16", "B/16", "L/16"), *, params_image: int = 224, classes: 
               "|---|---:|---:|---:|---:|---:|---:|"]
     for name in names:
         vit = variant(name, image_size=flops_image, num_classes=flops_classes)
-        iv = macs(_ivit(vit))
-        g0 = macs(_ivit(vit, gate_hidden=0))["gate"]
+        iv = macs(ivit_config(vit))
+        g0 = macs(ivit_config(vit, gate_hidden=0))["gate"]
         lines.append(
             f"| {name} | {iv['vit'] / 1e9:.2f} | {iv['paper'] / 1e9:.2f} | +{(iv['paper'] - iv['vit']) / 1e9:.2f} "
             f"| {iv['gate'] / 1e9:.2f} | {g0 / 1e9:.2f} | {iv['total'] / 1e9:.2f} |"
@@ -136,13 +129,13 @@ def main(argv=None) -> None:
         print(f"\nXLA cost analysis, {args.xla} at {args.image_size} px (GFLOPs per image; ours = 2 x MACs):\n")
         print("| model | XLA GFLOPs | 2 x our MACs (paper count) | 2 x our MACs (with gate) | XLA / ours |")
         print("|---|---:|---:|---:|---:|")
-        for label, cfg in (("ViT", vit), ("I-ViT", _ivit(vit, gate_hidden=args.gate_hidden)),
-                           ("I-ViT, GC off", _ivit(vit, gated_control=False))):
+        for label, cfg in (("ViT", vit), ("I-ViT", ivit_config(vit, gate_hidden=args.gate_hidden)),
+                           ("I-ViT, GC off", ivit_config(vit, gated_control=False))):
             x, m = xla_flops(cfg), macs(cfg)
             print(f"| {label} | {x / 1e9:.2f} | {2 * m['paper'] / 1e9:.2f} | {2 * m['total'] / 1e9:.2f} "
                   f"| {x / (2 * m['total']):.3f} |")
         print(f"\nGate transcendentals per image (GELU + sigmoid): "
-              f"{gate_transcendentals(_ivit(vit, gate_hidden=args.gate_hidden)) / 1e9:.2f} G")
+              f"{gate_transcendentals(ivit_config(vit, gate_hidden=args.gate_hidden)) / 1e9:.2f} G")
 
 
 if __name__ == "__main__":

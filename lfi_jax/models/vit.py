@@ -1,131 +1,27 @@
-"""Vision Transformer in Flax NNX, with the math of Hugging Face `ViTModel`.
+"""Vision Transformer (and Interaction ViT) in Flax NNX, with the math of Hugging Face `ViTModel`.
 
 Parameter names mirror transformers' ViT (`embeddings.patch_embeddings`, `encoder.layer[i]
 .attention.query`, `layernorm_before`, `intermediate`, `output`, `layernorm`, `classifier`)
 so checkpoints map one to one (see `lfi_jax.models.convert`).
 
 The same module builds the Interaction ViT (SPEC section 1): `ModelConfig.interaction_queries`
-adds the interaction query projection and the gate to every attention layer; see
-`lfi_jax.models.ivit` for the attention layer itself.
+adds the interaction query projection and the gate to every attention layer
+(`lfi_jax.models.layers.Attention`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import re
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-# name -> (hidden size D, depth, heads, MLP width)
-VARIANTS = {
-    "Ti": (192, 12, 3, 768),
-    "S": (384, 12, 6, 1536),
-    "B": (768, 12, 12, 3072),
-    "L": (1024, 24, 16, 4096),
-    "H": (1280, 32, 16, 5120),
-}
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Everything that fixes the architecture (and nothing about training)."""
-
-    hidden_size: int = 384
-    depth: int = 12
-    num_heads: int = 6
-    mlp_dim: int = 1536
-    patch_size: int = 16
-    image_size: int = 224
-    num_classes: int = 1000
-    layer_norm_eps: float = 1e-12  # transformers' ViT default; timm uses 1e-6
-    qkv_bias: bool = True
-    dtype: str = "float32"  # compute dtype; parameters are always float32
-    remat: bool = False  # rematerialise each block in the backward pass (saves memory)
-    # Interaction ViT switches (SPEC section 1, Table 3).
-    interaction_queries: bool = False  # IQ
-    interaction_constraint: bool = False  # IC: return attention CLS rows for the alignment loss
-    gated_control: bool = True  # GC (only meaningful with IQ)
-    gate_hidden: int = 8
-    gate_bias_init: tuple[float, float] = (0.0, 0.0)
-    gate_init_scale: float = 0.02
-    align_layers: tuple[int, ...] | None = None  # None = all layers
-    attn_impl: str = "xla"  # xla | chunked | pallas | auto
-
-    def __post_init__(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"model.hidden_size={self.hidden_size} is not divisible by model.num_heads={self.num_heads}"
-            )
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"model.image_size={self.image_size} is not divisible by model.patch_size={self.patch_size}"
-            )
-        if self.dtype not in DTYPES:
-            raise ValueError(f"model.dtype={self.dtype!r}; expected one of {sorted(DTYPES)}")
-        if self.gate_hidden < 0:
-            raise ValueError(f"model.gate_hidden={self.gate_hidden} must be >= 0")
-        for i in self.resolved_align_layers():
-            if not 0 <= i < self.depth:
-                raise ValueError(f"model.align_layers has {i}, outside 0..{self.depth - 1}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        g = self.image_size // self.patch_size
-        return (g, g)
-
-    @property
-    def num_tokens(self) -> int:
-        gh, gw = self.grid
-        return 1 + gh * gw
-
-    @property
-    def is_interaction(self) -> bool:
-        return self.interaction_queries
-
-    def resolved_align_layers(self) -> tuple[int, ...]:
-        if self.align_layers is None:
-            return tuple(range(self.depth))
-        return tuple(i % self.depth if i < 0 else i for i in self.align_layers)
-
-
-def variant(name: str, **overrides: Any) -> ModelConfig:
-    """`variant("S/16", image_size=384, num_classes=200)`; any patch size: "B/8", "Ti/4"."""
-    m = re.fullmatch(r"(Ti|S|B|L|H)/(\d+)", name)
-    if not m:
-        raise ValueError(f"unknown ViT variant {name!r}; expected e.g. 'S/16' ({'|'.join(VARIANTS)}/<patch>)")
-    d, depth, heads, mlp = VARIANTS[m.group(1)]
-    base = dict(hidden_size=d, depth=depth, num_heads=heads, mlp_dim=mlp, patch_size=int(m.group(2)))
-    base.update(overrides)
-    return ModelConfig(**base)
-
-
-def _dense(din, dout, cfg: ModelConfig, rngs, *, bias=True, std=0.02):
-    return nnx.Linear(
-        din,
-        dout,
-        use_bias=bias,
-        dtype=DTYPES[cfg.dtype],
-        param_dtype=jnp.float32,
-        kernel_init=nnx.initializers.truncated_normal(std),
-        bias_init=nnx.initializers.zeros_init(),
-        rngs=rngs,
-    )
-
-
-def _layernorm(cfg: ModelConfig, rngs):
-    return nnx.LayerNorm(
-        cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=DTYPES[cfg.dtype], param_dtype=jnp.float32, rngs=rngs
-    )
+# Older import path (`from lfi_jax.models.vit import ModelConfig, variant`); new code imports
+# them from lfi_jax.models (or lfi_jax.models.config).
+from lfi_jax.models.config import DTYPES, VARIANTS, ModelConfig, variant  # noqa: E402, F401
+from lfi_jax.models.layers import Attention, dense, layer_norm
 
 
 class PatchEmbeddings(nnx.Module):
@@ -172,7 +68,7 @@ class Embeddings(nnx.Module):
 
 class Intermediate(nnx.Module):
     def __init__(self, cfg, rngs):
-        self.dense = _dense(cfg.hidden_size, cfg.mlp_dim, cfg, rngs)
+        self.dense = dense(cfg.hidden_size, cfg.mlp_dim, cfg, rngs)
 
     def __call__(self, x):
         return jax.nn.gelu(self.dense(x), approximate=False)
@@ -180,7 +76,7 @@ class Intermediate(nnx.Module):
 
 class Output(nnx.Module):
     def __init__(self, cfg, rngs):
-        self.dense = _dense(cfg.mlp_dim, cfg.hidden_size, cfg, rngs)
+        self.dense = dense(cfg.mlp_dim, cfg.hidden_size, cfg, rngs)
 
     def __call__(self, x):
         return self.dense(x)
@@ -190,11 +86,9 @@ class Layer(nnx.Module):
     """Pre-LN transformer block; the attention is plain or interaction attention."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        from lfi_jax.models.ivit import Attention  # one attention module for ViT and I-ViT
-
-        self.layernorm_before = _layernorm(cfg, rngs)
+        self.layernorm_before = layer_norm(cfg, rngs)
         self.attention = Attention(cfg, rngs)
-        self.layernorm_after = _layernorm(cfg, rngs)
+        self.layernorm_after = layer_norm(cfg, rngs)
         self.intermediate = Intermediate(cfg, rngs)
         self.output = Output(cfg, rngs)
 
@@ -246,8 +140,8 @@ class ViT(nnx.Module):
         self.cfg = cfg
         self.embeddings = Embeddings(cfg, rngs)
         self.encoder = Encoder(cfg, rngs)
-        self.layernorm = _layernorm(cfg, rngs)
-        self.classifier = _dense(cfg.hidden_size, cfg.num_classes, cfg, rngs, std=0.0) if cfg.num_classes else None
+        self.layernorm = layer_norm(cfg, rngs)
+        self.classifier = dense(cfg.hidden_size, cfg.num_classes, cfg, rngs, std=0.0) if cfg.num_classes else None
 
     def features(self, images):
         x, cls_attn = self.encoder(self.embeddings(images))
@@ -282,3 +176,6 @@ def interpolate_pos_embed(pos: jax.Array, new_grid: Sequence[int]) -> jax.Array:
     cls, grid = pos[:, :1], pos[:, 1:].reshape(1, g, g, -1)
     grid = jax.image.resize(grid, (1, gh, gw, grid.shape[-1]), method="bicubic")
     return jnp.concatenate([cls, grid.reshape(1, gh * gw, -1)], axis=1)
+
+
+__all__ = ["ViT", "count_params", "interpolate_pos_embed"]

@@ -76,8 +76,9 @@ class _SelfAttention(nn.Module):
         if lfi.get("interaction_queries"):
             self.interaction_query = nn.Linear(d, d, bias=bias)
             if lfi.get("gated_control", True):
+                bias = lfi.get("gate_bias_init") or (0.0, 0.0)  # None (unset): a fresh gate's (0, 0)
                 self.gate = Gate(config.num_attention_heads, int(lfi.get("gate_hidden", 8)),
-                                 tuple(lfi.get("gate_bias_init", (0.0, 0.0))), float(lfi.get("gate_init_scale", 0.02)))
+                                 tuple(bias), float(lfi.get("gate_init_scale", 0.02)))
 
 
 class _SelfOutput(nn.Module):
@@ -105,7 +106,7 @@ class InteractionAttention(nn.Module):
 
     def forward(self, hidden_states, *args, **kwargs):
         a = self.attention
-        q, k, v = self._split(a.query(hidden_states)), self._split(a.key(hidden_states)), self._split(a.value(hidden_states))
+        q, k, v = (self._split(lin(hidden_states)) for lin in (a.query, a.key, a.value))
         scale = 1.0 / math.sqrt(self.head_dim)
         c_vfm = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)
         if self.iq:
@@ -220,8 +221,10 @@ class IViTReference(nn.Module):
             with open(path, "w") as f:
                 json.dump(raw, f, indent=2, sort_keys=True)
 
-        for name, write in (("model.safetensors", lambda p: save_file(self.hf_state_dict(), p, metadata={"format": "pt"})),
-                            ("config.json", write_json)):
+        def write_weights(path):
+            save_file(self.hf_state_dict(), path, metadata={"format": "pt"})
+
+        for name, write in (("model.safetensors", write_weights), ("config.json", write_json)):
             atomic_write_with(os.path.join(directory, name), write)
 
     @classmethod

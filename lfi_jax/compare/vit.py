@@ -1,49 +1,48 @@
-"""Parity of the JAX models with PyTorch, from the same weights (SPEC section 5).
+"""Parity of the JAX ViT / I-ViT with PyTorch, from the same weights (SPEC section 5).
 
-    python -m lfi_jax.compare vit --hf DIR          # our ViT vs transformers' own ViT
-    python -m lfi_jax.compare ivit                  # a small random I-ViT vs lfi_jax.reference
-    python -m lfi_jax.compare ivit --hf DIR         # an I-ViT made from a HF ViT checkpoint
+`compare_vit(hf)`: our `load_hf_vit(hf)` against transformers' own `from_pretrained(hf)`.
+`compare_ivit(cfg | hf=...)`: an I-ViT against `lfi_jax.reference.IViTReference`.
 
 Both sides run the same random batch (and, for the I-ViT, a random teacher map) and compute
 the logits, the CLS rows of C_agt, the loss (cross-entropy + alignment, SPEC section 2) and
-its gradients. One JSON line is printed:
+its gradients; the report holds `max_abs_diff` per output, `max_abs` (the size of each
+reference output, for scale) and `ok` (every difference within `tol`).
 
-    {"mode": "ivit", "ok": true, "tol": 0.0001, "max_abs_diff": {"logits": ..., "cls_attn":
-     ..., "loss": ..., "grad/interaction_query": ..., "grad/gate": ..., "grad/classifier":
-     ..., "grad/backbone": ...}, "max_abs": {...}, ...}
-
-`max_abs` holds the size of each reference output, for scale. The exit status is 1 when any
-difference is above `--tol` (default 1e-4, for float32), else 0.
-
-The I-ViT without --hf has every parameter drawn at random (seeded), with gates far from
-their initialisation, so no term is trivially zero. With --hf the I-ViT starts from the
+The I-ViT without `hf` has every parameter drawn at random (seeded), with gates far from
+their initialisation, so no term is trivially zero. With `hf` the I-ViT starts from the
 checkpoint with the pretrained initialisation (Wq' = Wq, gate bias [-4, +4]) and then its
 new parameters (interaction queries, gates, a zero head) are perturbed at random; an I-ViT
 checkpoint (written by `lfi_jax.models.convert.save_hf`) is compared as it is.
-`--perturb` adds noise to one weight of the PyTorch side only (a check that the check fails).
+`perturb=True` adds noise to one weight of the PyTorch side only (a check that the check fails).
+
+torch and transformers are imported only inside the functions that build the PyTorch side.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import os
-import sys
 import time
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+from lfi_jax.losses import alignment_loss, cross_entropy
+from lfi_jax.models.config import ModelConfig, ivit_config
+from lfi_jax.models.convert.hf import CONFIG_KEY, hf_config_dict, is_ivit_checkpoint, load_hf_vit
+from lfi_jax.models.convert.names import flat_to_hf, normalize_hf_names, to_hf_state_dict
+from lfi_jax.models.vit import ViT
 
 SMALL = dict(hidden_size=64, depth=3, num_heads=4, mlp_dim=128, patch_size=8, image_size=32, num_classes=10,
              gate_hidden=8)
 
 
-def _jax():
-    import jax
-
+def _highest_precision() -> None:
+    """float32 matmuls at full precision (the default may use bf16 passes on accelerators)."""
     jax.config.update("jax_default_matmul_precision", "highest")
-    return jax
 
 
 # --------------------------------------------------------------------------------------
@@ -59,9 +58,6 @@ def randomize(model, seed: int, *, only_new: bool = False) -> None:
     random weights and biases; an all-zero classifier gets random weights.
     Gates always get w ~ N(0, 0.5^2) and biases ~ N(0, 1).
     """
-    import jax.numpy as jnp
-    from flax import nnx
-
     rng = np.random.default_rng(seed)
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
     for path, var in flat:
@@ -109,13 +105,7 @@ def make_inputs(cfg, batch: int, seed: int) -> dict[str, np.ndarray]:
 
 def jax_side(model, inputs, *, align_weight: float = 1.0) -> dict[str, Any]:
     """logits, cls_attn, loss and {HF name: grad} of our model."""
-    jax = _jax()
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from lfi_jax.losses import alignment_loss, cross_entropy
-    from lfi_jax.models.convert import flat_to_hf
-
+    _highest_precision()
     images = jnp.asarray(inputs["images"])
     headless = model.classifier is None
 
@@ -145,9 +135,9 @@ def jax_side(model, inputs, *, align_weight: float = 1.0) -> dict[str, Any]:
 
 def torch_side(module, inputs, *, align_weight: float = 1.0, hub_params=None) -> dict[str, Any]:
     """The same for a torch module whose forward returns (logits, cls_attn)."""
-    import torch
+    import torch  # optional dependency, only for the PyTorch side
 
-    from lfi_jax.reference import alignment_loss
+    from lfi_jax.reference import alignment_loss as torch_alignment_loss
 
     module.zero_grad(set_to_none=True)
     images = torch.tensor(inputs["images"].transpose(0, 3, 1, 2))
@@ -157,7 +147,7 @@ def torch_side(module, inputs, *, align_weight: float = 1.0, hub_params=None) ->
     else:
         loss = torch.nn.functional.cross_entropy(logits, torch.tensor(inputs["labels"]).long())
     if cls_attn is not None:
-        loss = loss + align_weight * alignment_loss(cls_attn, torch.tensor(inputs["teacher"]))
+        loss = loss + align_weight * torch_alignment_loss(cls_attn, torch.tensor(inputs["teacher"]))
     loss.backward()
     params = hub_params if hub_params is not None else module.hf_named_parameters()
     grads = {k: (p.grad.detach().numpy() if p.grad is not None else np.zeros(tuple(p.shape), np.float32))
@@ -206,9 +196,8 @@ def differences(ours: dict, ref: dict) -> tuple[dict[str, float], dict[str, floa
 
 def reference_from_model(model):
     """An `IViTReference` holding our model's weights (through the HF names)."""
-    from transformers import ViTConfig
+    from transformers import ViTConfig  # optional dependencies: the PyTorch side
 
-    from lfi_jax.models.convert import CONFIG_KEY, hf_config_dict, to_hf_state_dict
     from lfi_jax.reference import IViTReference
 
     raw = hf_config_dict(model.cfg)
@@ -241,16 +230,6 @@ def _report(mode, diff, scale, tol, extra) -> dict:
 # The two comparisons.
 
 
-def _is_ivit_checkpoint(hf: str) -> bool:
-    from lfi_jax.models.convert import CONFIG_KEY
-
-    path = os.path.join(hf, "config.json")
-    if not os.path.isfile(path):
-        return False
-    with open(path) as f:
-        return bool((json.load(f).get(CONFIG_KEY) or {}).get("interaction_queries"))
-
-
 def compare_ivit(cfg=None, *, hf: str | None = None, seed: int = 0, batch: int = 2, tol: float = 1e-4,
                  perturb: bool = False, align_weight: float = 1.0, num_classes: int | None = None,
                  **switches) -> dict:
@@ -261,17 +240,13 @@ def compare_ivit(cfg=None, *, hf: str | None = None, seed: int = 0, batch: int =
       interaction_constraint, attn_impl, ...).
     hf: a HF ViT directory instead; `switches` then shape the I-ViT made from it.
     """
-    _jax()
-    import torch
-    from flax import nnx
+    import torch  # optional dependency, only for the PyTorch side
 
-    from lfi_jax.models import ModelConfig, ViT, ivit_config
-    from lfi_jax.models.convert import load_hf_vit
-
+    _highest_precision()
     torch.manual_seed(seed)
     if hf is not None:
         runtime = {k: switches.pop(k) for k in ("attn_impl", "interaction_constraint", "align_layers") if k in switches}
-        if _is_ivit_checkpoint(hf):  # compared as it is; its own config fixes the architecture
+        if is_ivit_checkpoint(hf):  # compared as it is; its own config fixes the architecture
             interaction, fresh = None, False
         else:
             interaction, fresh = (switches or True), True
@@ -304,8 +279,6 @@ class _HFWrapper:
     """transformers' ViT as (logits, None) with Hub-named parameters."""
 
     def __init__(self, hf_model, headless: bool):
-        from lfi_jax.models.convert import normalize_hf_names
-
         self.model, self.headless = hf_model, headless
         params = dict(hf_model.named_parameters())
         names, _ = normalize_hf_names(dict.fromkeys(params))
@@ -332,13 +305,11 @@ class _HFWrapper:
 
 def compare_vit(hf: str, *, seed: int = 0, batch: int = 2, tol: float = 1e-4, perturb: bool = False) -> dict:
     """Our `load_hf_vit(hf)` against transformers' own `from_pretrained(hf)`."""
-    _jax()
-    import torch
+    import torch  # optional dependencies: the PyTorch side
     from transformers import ViTForImageClassification, ViTModel
 
-    from lfi_jax.models.convert import load_hf_vit
-
-    if _is_ivit_checkpoint(hf):
+    _highest_precision()
+    if is_ivit_checkpoint(hf):
         raise ValueError(f"compare vit: {hf} holds an I-ViT, which transformers cannot run; use `ivit --hf {hf}`")
     model, cfg = load_hf_vit(hf, seed=seed)
     headless = model.classifier is None
@@ -349,8 +320,9 @@ def compare_vit(hf: str, *, seed: int = 0, batch: int = 2, tol: float = 1e-4, pe
     perturbed = None
     if perturb:
         name = next(k for k in wrapped.hub if ".attention.attention.query.weight" in k)
+        noise = torch.randn(wrapped.hub[name].shape, generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
-            wrapped.hub[name].add_(1e-2 * torch.randn(wrapped.hub[name].shape, generator=torch.Generator().manual_seed(seed)))
+            wrapped.hub[name].add_(1e-2 * noise)
         perturbed = name
     inputs = make_inputs(cfg, batch, seed)
     ours = jax_side(model, inputs)
@@ -367,58 +339,74 @@ def _on_off(s: str) -> bool:
     return s == "on"
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m lfi_jax.compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("mode", choices=("vit", "ivit"))
-    p.add_argument("--hf", help="a transformers ViT checkpoint directory (required for vit)")
+def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tol", type=float, default=1e-4, help="max abs difference allowed (default 1e-4, float32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--perturb", action="store_true", help="debug: perturb one PyTorch weight (the check must fail)")
-    p.add_argument("--num-classes", type=int, default=None, help="ivit: head size (default: the checkpoint's, or 10)")
+
+
+def add_vit_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of `compare vit`."""
+    p.add_argument("--hf", required=True, help="a transformers ViT checkpoint directory")
+    _add_common(p)
+
+
+def run_vit(args: argparse.Namespace) -> dict:
+    """`compare vit`: the report of `compare_vit` (with `seconds`)."""
+    start = time.time()
+    report = compare_vit(args.hf, seed=args.seed, batch=args.batch, tol=args.tol, perturb=args.perturb)
+    report["seconds"] = round(time.time() - start, 2)
+    return report
+
+
+def add_ivit_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of `compare ivit`."""
+    p.add_argument("--hf", help="a transformers ViT (or saved I-ViT) directory instead of the random model")
+    _add_common(p)
+    p.add_argument("--num-classes", type=int, default=None, help="head size (default: the checkpoint's, or 10)")
     p.add_argument("--interaction-queries", type=_on_off, default=True, metavar="on|off")
     p.add_argument("--interaction-constraint", type=_on_off, default=True, metavar="on|off")
     p.add_argument("--gated-control", type=_on_off, default=True, metavar="on|off")
     p.add_argument("--gate-hidden", type=int, default=None)
     p.add_argument("--impl", default="xla", help="attention impl of the JAX side (xla, chunked, ...)")
-    p.add_argument("--depth", type=int, default=SMALL["depth"], help="ivit without --hf: number of layers")
-    args = p.parse_args(argv)
-    if args.mode == "vit" and not args.hf:
-        p.error("vit needs --hf DIR")
-    if args.mode == "ivit" and args.hf and not args.interaction_queries:
-        p.error("ivit --hf builds an I-ViT; --interaction-queries off is only for the random model")
-    try:
-        report = _run(args)
-    except (FileNotFoundError, ValueError) as e:  # includes convert.CheckpointError
-        print(f"compare: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(report, sort_keys=True))
-    return 0 if report["ok"] else 1
+    p.add_argument("--depth", type=int, default=SMALL["depth"], help="without --hf: number of layers")
 
 
-def _run(args) -> dict:
+def run_ivit(args: argparse.Namespace) -> dict:
+    """`compare ivit`: the report of `compare_ivit` (with `seconds`)."""
+    if args.hf and not args.interaction_queries:
+        raise ValueError("ivit --hf builds an I-ViT; --interaction-queries off is only for the random model")
     start = time.time()
-    if args.mode == "vit":
-        report = compare_vit(args.hf, seed=args.seed, batch=args.batch, tol=args.tol, perturb=args.perturb)
-    else:
-        switches = dict(interaction_queries=args.interaction_queries, gated_control=args.gated_control,
-                        interaction_constraint=args.interaction_constraint, attn_impl=args.impl)
-        if args.gate_hidden is not None:
-            switches["gate_hidden"] = args.gate_hidden
-        cfg = None
-        if not args.hf:
-            from lfi_jax.models import ModelConfig, ivit_config
-
-            small = dict(SMALL, depth=args.depth)
-            if args.num_classes is not None:
-                small["num_classes"] = args.num_classes
-            cfg = ivit_config(ModelConfig(**small), **switches)
-            switches = {}
-        report = compare_ivit(cfg, hf=args.hf, seed=args.seed, batch=args.batch, tol=args.tol, perturb=args.perturb,
-                              num_classes=args.num_classes if args.hf else None, **switches)
+    switches = dict(interaction_queries=args.interaction_queries, gated_control=args.gated_control,
+                    interaction_constraint=args.interaction_constraint, attn_impl=args.impl)
+    if args.gate_hidden is not None:
+        switches["gate_hidden"] = args.gate_hidden
+    cfg = None
+    if not args.hf:
+        small = dict(SMALL, depth=args.depth)
+        if args.num_classes is not None:
+            small["num_classes"] = args.num_classes
+        cfg = ivit_config(ModelConfig(**small), **switches)
+        switches = {}
+    report = compare_ivit(cfg, hf=args.hf, seed=args.seed, batch=args.batch, tol=args.tol, perturb=args.perturb,
+                          num_classes=args.num_classes if args.hf else None, **switches)
     report["seconds"] = round(time.time() - start, 2)
     return report
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+__all__ = [
+    "SMALL",
+    "add_ivit_arguments",
+    "add_vit_arguments",
+    "compare_ivit",
+    "compare_vit",
+    "differences",
+    "jax_side",
+    "make_inputs",
+    "randomize",
+    "reference_from_model",
+    "run_ivit",
+    "run_vit",
+    "torch_side",
+]
