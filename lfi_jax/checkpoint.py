@@ -39,18 +39,68 @@ def _grain_args():
     return gc.CheckpointSave, gc.CheckpointRestore
 
 
+class CheckpointMismatch(ValueError):
+    """A checkpoint whose tree does not fit the train state asked for (one line, naming the dir)."""
+
+
 class Checkpointer:
-    def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
+    """`read_only=True` (for loaders: evaluation, export) never creates, saves or deletes."""
+
+    def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True, read_only: bool = False):
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            create=True,
-            enable_async_checkpointing=async_save,
-        )
+        if read_only:
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False, enable_async_checkpointing=False)
+        else:
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def complete_steps(self) -> list[int]:
+        """The steps whose checkpoint is completely written (finalized) on disk, ascending; an
+        interrupted or still-running save is not among them."""
+        if not os.path.isdir(self.directory):
+            return []
+        return sorted(ocp.path.step.checkpoint_steps(self.directory))
+
+    def is_complete(self, step: int) -> bool:
+        """Whether the checkpoint of `step` is completely written (finalized) on disk."""
+        return int(step) in self.complete_steps()
+
+    def _step_or_latest(self, step: int | None) -> int:
+        steps = self.complete_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoints in {self.directory}")
+        if step is None:
+            return steps[-1]
+        if int(step) not in steps:
+            raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory} (it has {steps})")
+        return int(step)
+
+    def _mismatch(self, step: int, e: Exception) -> CheckpointMismatch:
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        if len(first) > 160:
+            first = first[:157] + "..."
+        return CheckpointMismatch(
+            f"checkpoint {os.path.join(self.directory, str(step))} does not fit this run's train state "
+            f"(model / optimizer config changed?): {type(e).__name__}: {first}"
+        )
+
+    def restore_params(self, abstract_params: Any, *, step: int | None = None):
+        """Only the parameters (`state["params"]`) of the checkpoint of `step` (default: the
+        latest complete one), onto the shardings of `abstract_params`; the optimizer state is
+        not read. Returns (step, params)."""
+        step = self._step_or_latest(step)
+        item = {"params": abstract_params}
+        args = ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
+        )
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(state=args))
+        except (ValueError, KeyError, TypeError) as e:
+            raise self._mismatch(step, e) from e
+        return step, restored["state"]["params"]
 
     def save(self, step: int, state: Any, data_iter=None, *, force: bool = False) -> bool:
         save, _ = _grain_args()
@@ -71,10 +121,7 @@ class Checkpointer:
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(
-                f"checkpoint {os.path.join(self.directory, str(step))} does not fit this run's train state "
-                f"(model / optimizer config changed?): {e}"
-            ) from e
+            raise self._mismatch(step, e) from e
         state = restored["state"]
         if data_iter is not None:
             try:
@@ -113,9 +160,6 @@ class Checkpointer:
         if len(positions) != 1 or len(counts) != 1 or len(files) != counts.pop():
             return None
         return positions.pop()
-
-    def wait(self):
-        self.manager.wait_until_finished()
 
     def close(self):
         self.manager.wait_until_finished()

@@ -16,7 +16,11 @@ the parameters are written as plain arrays:
   (`encoder/layer/0/attention/query/kernel`) to arrays in this package's layouts, and
   `model_config.json` (the ModelConfig fields). `load_exported(DIR)` reads either format back.
 
-Each directory also gets `export_info.json` (the step and the checkpoint it came from).
+Each directory also gets `export_info.json`: the step and the checkpoint it came from, the
+class names (in class-id order; also the HF config's `id2label`) and the preprocessing the
+model expects (image size, mean/std after scaling RGB to [0, 1]; for safetensors also as a
+transformers `preprocessor_config.json`). The class names come from WORKDIR/run_info.json
+(written by the trainer) or else from the data source itself.
 Files are written atomically (temporary file, then rename).
 """
 
@@ -25,64 +29,83 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 from typing import Any
 
+import jax
 import numpy as np
 
+from lfi_jax.cli import add_debug_flag, run_cli
+from lfi_jax.config import load_config_file
 from lfi_jax.fileio import atomic_write, write_json_atomic
+from lfi_jax.run import RUN_INFO_FILE, load_config, load_run
+from lfi_jax.tasks.registry import get_task
 
 FORMATS = ("safetensors", "msgpack")
+log = logging.getLogger("lfi_jax.export_params")
 
 
 def load_run_config(workdir: str, config: str | None = None):
     """The run's ConfigDict: `config` ("configs/x.py[:arg]" or a name) if given, else
     WORKDIR/config.json (written by the trainer)."""
-    import ml_collections
-
-    from lfi_jax.config import load_config_file
-
     if config:
         path, _, arg = config.partition(":")
         return load_config_file(path, arg or None)
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: pass --config=configs/<name>.py[:arg] (the run's config)")
-    with open(path) as f:
-        try:
-            raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-    return ml_collections.ConfigDict(raw)
+    return load_config(workdir)
 
 
 def restore_params(workdir: str, config=None, *, step: int | None = None):
-    """(model, step): the checkpoint's parameters in a ViT on one local device."""
-    import jax
+    """(model, step): the checkpoint's parameters in a model on one local device."""
     from flax import nnx
 
-    from lfi_jax import sharding as shd
-    from lfi_jax.checkpoint import Checkpointer
-    from lfi_jax.config import model_config
-    from lfi_jax.train import create_trainer
+    run = load_run(workdir, step=step, devices=jax.local_devices()[:1], config=config)
+    return nnx.merge(run.graphdef, run.params), run.step
 
-    config = load_run_config(workdir) if config is None else config
-    mcfg = model_config(config)
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"no checkpoints in {workdir} ({ckpt_dir} does not exist)")
-    mesh_cfg = type(config.mesh)(dict(axes=("data", "fsdp"), shape=(1, 1), fsdp_min_size=2**62))
-    mesh = shd.make_mesh(mesh_cfg, devices=jax.local_devices()[:1])
-    trainer, _, shapes = create_trainer(config, mcfg, mesh, seed=int(config.seed))
-    ckpt = Checkpointer(ckpt_dir, async_save=False)
+
+def class_names(workdir: str, config) -> list[str] | None:
+    """The run's class names: WORKDIR/run_info.json (written by the trainer at start), else
+    the train source's own `class_names`; None (with a warning) when neither is available."""
+    info_path = os.path.join(workdir, RUN_INFO_FILE)
+    if os.path.exists(info_path):
+        with open(info_path) as f:
+            names = json.load(f).get("data", {}).get("class_names")
+        if names:
+            return list(names)
     try:
-        if step is not None and step not in ckpt.manager.all_steps():
-            raise FileNotFoundError(f"no checkpoint of step {step} in {ckpt_dir} (have {sorted(ckpt.manager.all_steps())})")
-        step, state = ckpt.restore(trainer.abstract_state(shapes), step=step)
-    finally:
-        ckpt.close()
-    return nnx.merge(trainer.graphdef, state["params"]), int(step)
+        names = get_task(config).source(config, config.data.train_split).class_names
+    except (OSError, ValueError, KeyError) as e:
+        log.warning("class names unknown (%s: %s): exporting LABEL_i names", type(e).__name__, e)
+        return None
+    return list(names) if names else None
+
+
+def preprocessing(config) -> dict[str, Any]:
+    """How the model's inputs were made: RGB in [0, 1], resized to image_size, normalised."""
+    return dict(
+        image_size=int(config.data.image_size),
+        mean=[float(x) for x in config.data.mean],
+        std=[float(x) for x in config.data.std],
+        rescale_factor=1 / 255,
+        channels="RGB",
+    )
+
+
+def hf_preprocessor_config(prep: dict[str, Any]) -> dict[str, Any]:
+    """A transformers `ViTImageProcessor` config for `prep` (`AutoImageProcessor.from_pretrained`)."""
+    size = prep["image_size"]
+    return dict(
+        image_processor_type="ViTImageProcessor",
+        do_resize=True,
+        size={"height": size, "width": size},
+        resample=2,  # bilinear
+        do_rescale=True,
+        rescale_factor=prep["rescale_factor"],
+        do_normalize=True,
+        image_mean=prep["mean"],
+        image_std=prep["std"],
+    )
 
 
 def flat_params(model) -> dict[str, np.ndarray]:
@@ -95,16 +118,38 @@ def flat_params(model) -> dict[str, np.ndarray]:
     }
 
 
-def export(model, out: str, *, fmt: str = "safetensors", info: dict[str, Any] | None = None) -> list[str]:
-    """Writes `model`'s parameters to directory `out` in `fmt`; returns the files written."""
+def export(
+    model,
+    out: str,
+    *,
+    fmt: str = "safetensors",
+    info: dict[str, Any] | None = None,
+    labels: list[str] | None = None,
+    prep: dict[str, Any] | None = None,
+) -> list[str]:
+    """Writes `model`'s parameters to directory `out` in `fmt`; returns the files written.
+
+    `labels` (class names, in class-id order) become the HF config's id2label; `prep` (see
+    `preprocessing`) is written as a transformers preprocessor_config.json (safetensors) and,
+    with the class names, into export_info.json (both formats)."""
     if fmt not in FORMATS:
         raise ValueError(f"--format={fmt!r}; expected one of {', '.join(FORMATS)}")
+    if labels is not None and len(labels) != model.cfg.num_classes:
+        raise ValueError(f"{len(labels)} class names for a model with {model.cfg.num_classes} classes")
     os.makedirs(out, exist_ok=True)
+    info = dict(info or {})
+    if labels is not None:
+        info["class_names"] = list(labels)
+    if prep is not None:
+        info["preprocessing"] = prep
     if fmt == "safetensors":
         from lfi_jax.models.convert import save_hf
 
-        save_hf(model, out)
+        save_hf(model, out, id2label=dict(enumerate(labels)) if labels is not None else None)
         files = ["config.json", "model.safetensors"]
+        if prep is not None:
+            write_json_atomic(os.path.join(out, "preprocessor_config.json"), hf_preprocessor_config(prep), indent=2)
+            files.append("preprocessor_config.json")
     else:
         from flax import serialization
 
@@ -113,7 +158,7 @@ def export(model, out: str, *, fmt: str = "safetensors", info: dict[str, Any] | 
         cfg = dataclasses.asdict(model.cfg)
         write_json_atomic(os.path.join(out, "model_config.json"), cfg, indent=2, sort_keys=True)
         files = ["params.msgpack", "model_config.json"]
-    write_json_atomic(os.path.join(out, "export_info.json"), dict(format=fmt, **(info or {})), indent=2, sort_keys=True)
+    write_json_atomic(os.path.join(out, "export_info.json"), dict(format=fmt, **info), indent=2, sort_keys=True)
     return files + ["export_info.json"]
 
 
@@ -159,20 +204,23 @@ def main(argv=None) -> int:
     ap.add_argument("--format", default="safetensors", choices=FORMATS)
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     ap.add_argument("--config", default=None, help="the run's config file[:arg] (default: WORKDIR/config.json)")
+    add_debug_flag(ap)
     args = ap.parse_args(argv)
 
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # one device is all it needs
     from lfi_jax.metrics import setup_logging
 
     setup_logging()
     config = load_run_config(args.workdir, args.config)
     model, step = restore_params(args.workdir, config, step=args.step)
     info = dict(step=step, checkpoint=os.path.abspath(os.path.join(args.workdir, "checkpoints", str(step))))
-    files = export(model, args.out, fmt=args.format, info=info)
+    labels = class_names(args.workdir, config)
+    files = export(model, args.out, fmt=args.format, info=info, labels=labels, prep=preprocessing(config))
     n = sum(int(np.prod(x.shape)) for x in flat_params(model).values())
     print(f"exported step {step} ({n:,} parameters) to {args.out}: {', '.join(files)}", file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if "JAX_PLATFORMS" not in os.environ:
+        jax.config.update("jax_platforms", "cpu")  # one device is all it needs (before any backend starts)
+    run_cli(main)

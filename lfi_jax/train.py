@@ -11,6 +11,7 @@ cleanly.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
@@ -27,8 +28,13 @@ import numpy as np
 
 from lfi_jax import sharding as shd
 from lfi_jax.checkpoint import Checkpointer
+from lfi_jax.cli import add_config_flags, add_debug_flag, config_from_args, run_cli
 from lfi_jax.config import validate
+from lfi_jax.distributed import maybe_initialize
+from lfi_jax.errors import UserError
+from lfi_jax.fileio import write_json_atomic
 from lfi_jax.metrics import MetricWriter, format_eta, setup_logging
+from lfi_jax.run import RUN_INFO_FILE, check_resume, record_config
 from lfi_jax.tasks.classification import build_model  # noqa: F401  (importable here as before)
 from lfi_jax.tasks.registry import get_task
 from lfi_jax.trainer import Trainer, create_trainer, evaluate_splits  # noqa: F401  (importable here as before)
@@ -120,35 +126,89 @@ def _progress(config, text: str) -> None:
         print(f"[{config.get('name', 'train')}] {text}", file=sys.stderr, flush=True)
 
 
+def _startup_checks(config, mesh, source, store) -> list[str]:
+    """Start-up checks made before anything is written (placeholder of the config validator's
+    `validate_for_training`): batch sizes against the devices on the batch axes. Returns the
+    start-up log's lines about the data."""
+    n = int(np.prod([mesh.shape[a] for a in shd.batch_axes(mesh)])) if mesh.shape else 1
+    accum = int(config.optim.grad_accum_steps)
+    micro = int(config.batch_size) // accum
+    if micro % n:
+        raise UserError(
+            f"config.batch_size={config.batch_size} / config.optim.grad_accum_steps={accum} = {micro} examples per "
+            f"micro-batch is not divisible by the {n} devices on the batch axes {shd.batch_axes(mesh)}"
+        )
+    if int(config.eval_batch_size) % n:  # fail now, not at the first evaluation
+        raise UserError(f"config.eval_batch_size={config.eval_batch_size} is not divisible by the {n} devices")
+    classes = list(getattr(source, "class_names", None) or [])
+    return [
+        f"data: {config.data.source} split {config.data.train_split} ({len(source):,} examples), "
+        f"{len(classes)} classes",
+        f"eval splits: {', '.join(config.data.eval_splits) or 'none'}",
+    ]
+
+
+def _write_run_info(workdir: str, config, source, teacher_store: str, lines: list[str]) -> None:
+    if jax.process_index() != 0:
+        return
+    info = dict(
+        task=get_task(config).name,
+        name=config.get("name", "train"),
+        data=dict(
+            source=config.data.source,
+            train_split=config.data.train_split,
+            num_examples=len(source),
+            class_names=[str(c) for c in (getattr(source, "class_names", None) or [])],
+        ),
+        teacher_store=teacher_store or None,
+        startup=lines,
+    )
+    write_json_atomic(os.path.join(workdir, RUN_INFO_FILE), info, indent=2)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains per `config` in `workdir` (resuming if a checkpoint is there); returns the final
-    metrics (including the evaluations' metrics)."""
+    metrics (including the evaluations' metrics).
+
+    Start-up (before anything is written to the workdir, apart from an oracle teacher store
+    the config asks to build): the config's checks, the run's identity against a run already
+    in `workdir` (`lfi_jax.run.check_resume`), batch sizes against devices, the data and the
+    teacher store. Then config.json (and config_history.jsonl on a changed resume)."""
     validate(config)
     task = get_task(config)
     mcfg = task.model_config(config)
-    os.makedirs(workdir, exist_ok=True)
-    is_main = jax.process_index() == 0
+    changes = check_resume(workdir, config)
     mesh = shd.make_mesh(config.mesh)
-    if config.batch_size % (mesh.size if mesh.size else 1):
-        raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the {mesh.size} devices")
-    if config.eval_batch_size % (mesh.size if mesh.size else 1):  # fail now, not at the first evaluation
-        raise ValueError(f"config.eval_batch_size={config.eval_batch_size} is not divisible by the {mesh.size} devices")
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-    teacher_cfg = prepare_teacher(config, workdir)
+    source = task.source(config, config.data.train_split)
+    lines = _startup_checks(config, mesh, source, None)
+    teacher_cfg = prepare_teacher(config, workdir)  # may build the oracle store the config asks for
     if mcfg.interaction_constraint and not teacher_cfg.store:
-        raise ValueError("config.model.interaction_constraint is on but config.teacher.store is empty")
+        raise UserError("config.model.interaction_constraint is on but config.teacher.store is empty")
+    lines.append(f"teacher store: {teacher_cfg.store or 'none'}")
+    is_main = jax.process_index() == 0
 
     trainer, init_state, state_shapes = create_trainer(config, mcfg, mesh, seed=int(config.seed), task=task)
     procs = dict(process_index=jax.process_index(), process_count=jax.process_count())
     train_iter = task.train_iterator(config, mcfg, teacher_cfg, seed=int(config.seed), **procs)
     ckpt_dir = os.path.join(workdir, "checkpoints")
+    start, state, resuming = 0, None, False
+    if os.path.isdir(ckpt_dir):  # restore before writing anything: a misfit leaves the run as it was
+        reader = Checkpointer(ckpt_dir, read_only=True)
+        try:
+            resuming = bool(reader.complete_steps())
+            if resuming:
+                start, state = reader.restore(trainer.abstract_state(state_shapes), train_iter)
+        finally:
+            reader.close()
+    os.makedirs(workdir, exist_ok=True)
+    record_config(workdir, config, changes, step=start if resuming else None)
+    _write_run_info(workdir, config, source, teacher_cfg.store, lines)
+    if is_main:
+        for line in lines:
+            log.info("%s", line)
     ckpt = Checkpointer(ckpt_dir, keep=int(config.keep_checkpoints), async_save=bool(config.async_checkpointing))
     writer = MetricWriter(workdir, enabled=is_main)
-    start = 0
-    if ckpt.latest_step() is not None:
-        start, state = ckpt.restore(trainer.abstract_state(state_shapes), train_iter)
+    if resuming:
         writer.truncate_after(start)
         log.info("resumed from step %d in %s", start, workdir)
     else:
@@ -211,29 +271,45 @@ def _loop(config, trainer: Trainer, state, start: int, train_iter, ckpt: Checkpo
     return final
 
 
-def main(argv=None):
-    from absl import app, flags
-    from ml_collections import config_flags
+# --------------------------------------------------------------------------- command line
 
-    flags_ = flags.FLAGS
-    config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/<name>.py[:arg]).", lock_config=True)
-    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and logs.")
-    flags.mark_flags_as_required(["config", "workdir"])
+# Overrides that change what a run is (not how long or how often it logs): when given on the
+# command line without --config.name, the config file's name no longer describes the run.
+_IDENTITY_PREFIXES = ("model", "data.source", "data.train_split", "data.options", "data.image_size", "teacher", "task")
 
-    def _main(argv):
-        if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-        setup_logging()
-        config = flags_.config
-        from lfi_jax.distributed import maybe_initialize
 
-        maybe_initialize(config.distributed)
-        result = train_and_evaluate(config, flags_.workdir)
-        if jax.process_index() == 0:
-            print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, bool, str))}))
+def run_name(config, overrides: list[str], workdir: str) -> str:
+    """The name shown in progress lines and recorded in config.json: `--config.name` if given;
+    else, when the command line changes the model, the data or the teacher, the config's name
+    with the workdir's name (`demo-ivit-shortcut@shapes_ivit`); else the config's name."""
+    keys = [o.split("=", 1)[0] for o in overrides]
+    name = str(config.get("name", "train"))
+    if "name" in keys:
+        return name
+    if any(k == p or k.startswith(p + ".") for k in keys for p in _IDENTITY_PREFIXES):
+        return f"{name}@{os.path.basename(os.path.normpath(workdir))}"
+    return name
 
-    app.run(_main, argv=argv)
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lfi_jax.train", description=__doc__.split("\n\n")[0])
+    add_config_flags(parser)
+    parser.add_argument("--workdir", required=True, help="directory for checkpoints, metrics and logs")
+    add_debug_flag(parser)
+    args = parser.parse_args(argv)
+    setup_logging()
+    config = config_from_args(args)
+    overrides = list(getattr(args, "config_overrides", None) or [])
+    name = run_name(config, overrides, args.workdir)
+    if name != config.get("name", "train"):
+        log.info("run name %s (config %s with --config.%s)", name, config.name, ", --config.".join(overrides))
+        config.name = name
+    maybe_initialize(config.distributed)
+    result = train_and_evaluate(config, args.workdir)
+    if jax.process_index() == 0:
+        print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, bool, str))}))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

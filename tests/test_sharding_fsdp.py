@@ -98,7 +98,10 @@ def test_sharded_steps_match_one_device(one_device, axes, shape):
     assert len(described) >= 8, described
     # Optimizer moments follow their parameters.
     mu = jax.tree.leaves(state["opt_state"])
-    assert any(getattr(x, "sharding", None) is not None and x.sharding.spec == up.sharding.spec and x.shape == up.shape for x in mu)
+    assert any(
+        getattr(x, "sharding", None) is not None and x.sharding.spec == up.sharding.spec and x.shape == up.shape
+        for x in mu
+    )
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
     assert len(set(np.round(losses, 6))) > 1  # the steps really trained
     for a, b in zip(jax.tree.leaves(ref_state["params"]), jax.tree.leaves(params)):
@@ -116,11 +119,13 @@ def test_param_spec_rules():
     assert spec((384,), "encoder/layer/0/attention/output/dense/bias", 10**9) == P()
     assert spec((6, 2, 8), "encoder/layer/0/attention/gate/w1/value", 10**9) == P()  # 6 heads % 4
     # Adam moments carry the parameter path after the optimizer's own keys.
-    assert spec((384, 384), "0/inner_states/train/inner_state/1/0/mu/encoder/layer/0/attention/key/kernel/value") == P("fsdp", "tensor")
+    mu_path = "0/inner_states/train/inner_state/1/0/mu/encoder/layer/0/attention/key/kernel/value"
+    assert spec((384, 384), mu_path) == P("fsdp", "tensor")
     assert spec((1, 65, 384), "embeddings/position_embeddings") == P(None, None, "fsdp")
     # Without a tensor axis the rules are inert: classic FSDP.
     mesh2 = shd.make_mesh(_config((2, 4)).mesh)
-    assert shd.param_spec((384, 1536), mesh2, fsdp_min_size=1, path="encoder/layer/3/intermediate/dense/kernel") == P(None, "fsdp")
+    up_path = "encoder/layer/3/intermediate/dense/kernel"
+    assert shd.param_spec((384, 1536), mesh2, fsdp_min_size=1, path=up_path) == P(None, "fsdp")
 
 
 def test_bytes_per_device_counts_shards():
@@ -186,7 +191,8 @@ def test_checkpoint_restores_onto_another_topology(saved_run, shape, ndev):
     step, state = ckpt.restore(trainer.abstract_state(shapes))
     ckpt.close()
     assert step == STEPS
-    for a, b, s in zip(jax.tree.leaves(saved), jax.tree.leaves(state["params"]), jax.tree.leaves(trainer.state_shardings["params"])):
+    shardings = jax.tree.leaves(trainer.state_shardings["params"])
+    for a, b, s in zip(jax.tree.leaves(saved), jax.tree.leaves(state["params"]), shardings):
         np.testing.assert_array_equal(a, np.asarray(b))
         assert b.sharding == s
     assert len(_by_path(state["params"])["classifier/kernel"].sharding.device_set) == ndev
@@ -268,6 +274,12 @@ def test_export_params_writes_the_checkpoint_params(saved_run, tmp_path, fmt):
     assert main(["--workdir", workdir, "--out", str(out), "--format", fmt]) == 0
     info = json.loads((out / "export_info.json").read_text())
     assert info["step"] == STEPS and info["format"] == fmt
+    # The source knows its classes; the preprocessing is the run's (no run_info.json here: the
+    # class names come from the data source itself).
+    assert info["class_names"] == [str(i) for i in range(10)]
+    c, _, _ = saved_run
+    assert info["preprocessing"]["image_size"] == c.data.image_size
+    assert info["preprocessing"]["mean"] == list(c.data.mean) and info["preprocessing"]["std"] == list(c.data.std)
     got = flat_params(load_exported(str(out)))
     want = _by_path(saved)
     assert set(got) == set(want)
@@ -283,7 +295,13 @@ def test_export_params_writes_the_checkpoint_params(saved_run, tmp_path, fmt):
             sd["vit.encoder.layer.1.attention.attention.interaction_query.weight"],
             want["encoder/layer/1/attention/interaction_query/kernel"].T,
         )
-        assert json.loads((out / "config.json").read_text())["lfi_interaction"]["interaction_queries"] is True
+        hf = json.loads((out / "config.json").read_text())
+        assert hf["lfi_interaction"]["interaction_queries"] is True
+        assert hf["id2label"] == {str(i): str(i) for i in range(10)} and hf["label2id"]["7"] == 7
+        prep = json.loads((out / "preprocessor_config.json").read_text())
+        assert prep["size"] == {"height": c.data.image_size, "width": c.data.image_size}
+        assert prep["image_mean"] == list(c.data.mean) and prep["do_normalize"]
+        assert abs(prep["rescale_factor"] - 1 / 255) < 1e-12
 
 
 def test_export_params_errors_name_the_problem(tmp_path):
@@ -294,3 +312,28 @@ def test_export_params_errors_name_the_problem(tmp_path):
     (tmp_path / "config.json").write_text(_config().to_json_best_effort())
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
         main(["--workdir", str(tmp_path), "--out", str(tmp_path / "o")])
+
+
+def test_export_params_cli_prints_one_error_line(tmp_path, capsys):
+    from lfi_jax.cli import run_cli
+    from lfi_jax.export_params import main
+
+    code = run_cli(main, ["--workdir", str(tmp_path), "--out", str(tmp_path / "o")], exit=False)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "config.json" in err[0], err
+
+
+def test_export_params_uses_the_trainers_class_names(saved_run, tmp_path):
+    """WORKDIR/run_info.json (written by the trainer at start) names the classes."""
+    import shutil
+
+    from lfi_jax.export_params import main
+
+    _, workdir, _ = saved_run
+    work = tmp_path / "run"
+    shutil.copytree(workdir, work)
+    names = [f"class_{i}" for i in range(10)]
+    (work / "run_info.json").write_text(json.dumps({"data": {"class_names": names}}))
+    assert main(["--workdir", str(work), "--out", str(tmp_path / "o")]) == 0
+    hf = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert [hf["id2label"][str(i)] for i in range(10)] == names

@@ -44,7 +44,8 @@ def _env(tmp_path):
 
 
 def _train_cmd(workdir, *extra):
-    return [sys.executable, "-m", "lfi_jax.train", "--config=configs/demo.py:ivit,runlocal", f"--workdir={workdir}", *TINY, *extra]
+    config = "--config=configs/demo.py:ivit,runlocal"
+    return [sys.executable, "-m", "lfi_jax.train", config, f"--workdir={workdir}", *TINY, *extra]
 
 
 def _final_loss(workdir, step):
@@ -59,13 +60,17 @@ def test_sigkill_after_checkpoint_resumes_bitwise(tmp_path):
     steps = ["--config.total_steps=8", "--config.checkpoint_every=3", "--config.async_checkpointing=False"]
     teacher = tmp_path / "teacher"
     # The teacher store is shared by both runs (built once by the first).
-    ref = subprocess.run(_train_cmd(tmp_path / "ref", *steps), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    ref = subprocess.run(
+        _train_cmd(tmp_path / "ref", *steps), cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert ref.returncode == 0, ref.stderr[-3000:]
     ref_loss = _final_loss(tmp_path / "ref", 8)
 
     work = tmp_path / "killed"
     # Slow each step down a little so the kill lands between checkpoints 3 and 6.
-    proc = subprocess.Popen(_train_cmd(work, *steps), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        _train_cmd(work, *steps), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline = time.time() + 300
     ckpt3 = work / "checkpoints" / "3"
     while time.time() < deadline and proc.poll() is None:
@@ -112,6 +117,20 @@ def test_unknown_config_key_fails_naming_it(tmp_path):
     )
     assert r.returncode != 0
     assert "learning_rate" in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and lines[-1].startswith("error: ") and "optim.learning_rate" in lines[-1], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_start_up_error_is_one_line_and_leaves_no_workdir(tmp_path):
+    work = tmp_path / "w"
+    r = subprocess.run(
+        _train_cmd(work, "--config.optim.grad_accum_steps=3"),
+        cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: config.batch_size=8")
+    assert not work.exists()
 
 
 def _tiny_config(accum):
@@ -191,12 +210,202 @@ def test_main_job_runs_both_models_and_reuses_finished_runs(tmp_path):
     assert res["regime"] == "shortcut" and set(res["summary"]) == {"vit", "ivit"}
     for model in ("vit", "ivit"):
         rows = [m for m in read_metrics(str(out / f"{model}_shortcut_seed0")) if "test_shifted/accuracy" in m]
-        assert rows[-1]["step"] == 3 and res["summary"][model]["test_shifted/accuracy"]["values"] == [rows[-1]["test_shifted/accuracy"]]
+        assert rows[-1]["step"] == 3
+        assert res["summary"][model]["test_shifted/accuracy"]["values"] == [rows[-1]["test_shifted/accuracy"]]
     assert (out / "convergence.png").stat().st_size > 10_000
-    r = subprocess.run(cmd + ["--models=ivit"], cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=400)
+    run = dict(cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=400)
+    r = subprocess.run(cmd + ["--models=ivit"], **run)
     assert r.returncode == 0 and "step 1/3" not in r.stderr, r.stderr[-3000:]
     mtime = os.path.getmtime(out / "ivit_shortcut_seed0" / "metrics.jsonl")
-    r = subprocess.run(cmd + ["--models=ivit", "--regime=clean"], cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=400)
+    r = subprocess.run(cmd + ["--models=ivit", "--regime=clean"], **run)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "teacher_clean_seed0" / "manifest.json").exists() and (out / "ivit_clean_seed0").is_dir()
     assert os.path.getmtime(out / "ivit_shortcut_seed0" / "metrics.jsonl") == mtime
+
+
+# --------------------------------------------------------------------------- run identity and start-up
+
+
+def _small_config(**sets):
+    from lfi_jax.config import set_key
+
+    c = load_config_file("demo", "ivit,runlocal")
+    for key, value in dict(TINY_SETS, **sets).items():
+        set_key(c, key, value)
+    return c
+
+
+TINY_SETS = {
+    "model.depth": 1, "model.hidden_size": 32, "model.num_heads": 2, "model.mlp_dim": 64, "model.gate_hidden": 2,
+    "data.options.num_train": 64, "data.options.num_test": 32, "eval_batch_size": 32, "batch_size": 8,
+    "log_every": 1, "total_steps": 2, "checkpoint_every": 0, "eval_every": 0, "async_checkpointing": False,
+}
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """A finished 2-step run (in this process, 8 fake devices)."""
+    from lfi_jax.train import train_and_evaluate
+
+    workdir = str(tmp_path_factory.mktemp("small_run") / "run")
+    result = train_and_evaluate(_small_config(), workdir)
+    return workdir, result
+
+
+def _copy(small_run, tmp_path):
+    import shutil
+
+    work = str(tmp_path / "run")
+    shutil.copytree(small_run[0], work)
+    return work
+
+
+def test_resume_refuses_a_config_that_shapes_the_train_state(small_run, tmp_path):
+    from lfi_jax.errors import UserError
+    from lfi_jax.train import train_and_evaluate
+
+    work = _copy(small_run, tmp_path)
+    before = {n: open(os.path.join(work, n), "rb").read() for n in ("config.json", "metrics.jsonl")}
+    for sets, keys in [
+        ({"model.depth": 2}, ["model.depth"]),
+        ({"optim.grad_clip_norm": 0.0, "data.options.spurious_p": 0.3}, ["optim.grad_clip_norm", "spurious_p"]),
+        ({"seed": 1, "batch_size": 16}, ["seed", "batch_size"]),
+    ]:
+        with pytest.raises(UserError) as e:
+            train_and_evaluate(_small_config(total_steps=4, **sets), work)
+        msg = str(e.value)
+        assert "\n" not in msg and work in msg and "new --workdir" in msg, msg
+        for k in keys:
+            assert k in msg, (k, msg)
+    for n, data in before.items():  # nothing written, nothing trained
+        assert open(os.path.join(work, n), "rb").read() == data, n
+    assert not os.path.exists(os.path.join(work, "config_history.jsonl"))
+
+
+def test_resume_records_resumable_changes(small_run, tmp_path, caplog):
+    from lfi_jax.run import load_config, read_config_history
+    from lfi_jax.train import train_and_evaluate
+
+    work = _copy(small_run, tmp_path)
+    with caplog.at_level("WARNING", logger="lfi_jax"):
+        result = train_and_evaluate(_small_config(total_steps=3, **{"optim.lr": 5e-4, "loss.align_weight": 0.5}), work)
+    assert result["step"] == 3
+    history = read_config_history(work)
+    assert len(history) == 1 and history[0]["step"] == 2
+    assert history[0]["changes"] == {
+        "loss.align_weight": {"old": 1.0, "new": 0.5},
+        "optim.lr": {"old": 1e-3, "new": 5e-4},
+        "total_steps": {"old": 2, "new": 3},
+    }
+    assert any("config changed on resume" in r.getMessage() and "optim.lr" in r.getMessage() for r in caplog.records)
+    stored = load_config(work)
+    assert stored.total_steps == 3 and stored.optim.lr == 5e-4  # config.json is the run's current config
+    train_and_evaluate(_small_config(total_steps=3, **{"optim.lr": 5e-4, "loss.align_weight": 0.5}), work)
+    assert len(read_config_history(work)) == 1  # the same config again: nothing to record
+
+
+def test_checkpoint_that_does_not_fit_is_one_line_naming_the_dir(small_run, tmp_path):
+    from lfi_jax.checkpoint import CheckpointMismatch
+    from lfi_jax.train import train_and_evaluate
+
+    work = _copy(small_run, tmp_path)
+    os.remove(os.path.join(work, "config.json"))  # no stored config to compare with: the checkpoint itself misfits
+    with pytest.raises(CheckpointMismatch) as e:
+        train_and_evaluate(_small_config(total_steps=4, **{"model.hidden_size": 64, "model.mlp_dim": 128}), work)
+    msg = str(e.value)
+    assert "\n" not in msg and len(msg) < 400, msg
+    assert os.path.join(work, "checkpoints", "2") in msg and "does not fit" in msg
+    assert not os.path.exists(os.path.join(work, "config.json"))  # nothing written
+
+
+def test_batch_size_against_devices_fails_before_anything_is_written(tmp_path):
+    from lfi_jax.errors import UserError
+    from lfi_jax.train import train_and_evaluate
+
+    work = tmp_path / "w"
+    with pytest.raises(UserError, match=r"config\.batch_size.*grad_accum_steps.*8 devices"):
+        train_and_evaluate(_small_config(**{"optim.grad_accum_steps": 4}), str(work))  # micro-batch 2 on 8 devices
+    with pytest.raises(UserError, match=r"config\.eval_batch_size=12 .*8 devices"):
+        train_and_evaluate(_small_config(eval_batch_size=12), str(work))
+    assert not work.exists()
+
+
+def test_failed_evaluation_loses_no_training(tmp_path, monkeypatch):
+    """An evaluation that raises (a corrupt eval image, say) comes after the checkpoint of its step."""
+    import dataclasses
+
+    from lfi_jax.checkpoint import Checkpointer
+    from lfi_jax.tasks import registry
+    from lfi_jax.train import train_and_evaluate
+
+    def broken(config, split, outputs):
+        raise ValueError(f"cannot decode image file of split {split}")
+
+    task = dataclasses.replace(registry.TASKS["classification"], evaluate=broken)
+    monkeypatch.setitem(registry.TASKS, "classification", task)
+    work = str(tmp_path / "w")
+    with pytest.raises(ValueError, match="cannot decode"):
+        train_and_evaluate(_small_config(total_steps=3, eval_every=2), work)
+    ckpt = Checkpointer(os.path.join(work, "checkpoints"), read_only=True)
+    assert ckpt.complete_steps() == [2] and ckpt.is_complete(2) and not ckpt.is_complete(3)
+    ckpt.close()
+
+
+def test_startup_log_and_run_info_name_data_classes_and_teacher(small_run):
+    from lfi_jax.run import RUN_INFO_FILE
+
+    workdir, result = small_run
+    info = json.load(open(os.path.join(workdir, RUN_INFO_FILE)))
+    assert info["data"]["source"] == "shortcut_digits" and info["data"]["num_examples"] == 64
+    assert info["data"]["class_names"] == [str(i) for i in range(10)]
+    assert info["teacher_store"] == os.path.join(workdir, "teacher", "train")
+    text = " | ".join(info["startup"])
+    assert "10 classes" in text and "shortcut_digits" in text and "teacher store: " + info["teacher_store"] in text
+    assert result["step"] == 2 and "test_shifted/accuracy" in result
+
+
+def test_run_name_reflects_overrides():
+    from lfi_jax.train import run_name
+
+    c = _small_config()
+    c.name = "demo-ivit-shortcut"
+    assert run_name(c, ["total_steps=5", "eval_every=2"], "runs/x") == "demo-ivit-shortcut"
+    assert run_name(c, ["data.source=imagefolder:/d/shapes", "model.num_classes=10"], "runs/shapes/") == (
+        "demo-ivit-shortcut@shapes"
+    )
+    c.name = "mine"
+    assert run_name(c, ["name=mine", "model.depth=2"], "runs/x") == "mine"
+
+
+def test_load_run_restores_only_the_params(small_run):
+    """The run loader builds no optimizer: its parameters equal the checkpoint's (read by the
+    full train-state restore)."""
+    from lfi_jax.checkpoint import Checkpointer
+    from lfi_jax.run import load_config, load_run
+
+    workdir, _ = small_run
+    run = load_run(workdir, devices=jax.devices()[:1])
+    assert run.step == 2 and run.task.name == "classification"
+    config = load_config(workdir)
+    mesh = shd.make_mesh(config.mesh, devices=jax.devices()[:1])
+    trainer, _, shapes = create_trainer(config, model_config(config), mesh, seed=0)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+    step, state = ckpt.restore(trainer.abstract_state(shapes))
+    ckpt.close()
+    assert step == 2
+    for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(run.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(FileNotFoundError, match="no checkpoint of step 7"):
+        load_run(workdir, step=7, devices=jax.devices()[:1])
+
+
+def test_checkpointer_complete_steps_skip_unfinished_saves(small_run, tmp_path):
+    from lfi_jax.checkpoint import Checkpointer
+
+    work = _copy(small_run, tmp_path)
+    ckpts = os.path.join(work, "checkpoints")
+    os.makedirs(os.path.join(ckpts, "5.orbax-checkpoint-tmp-1234", "state"))  # a save cut short
+    ckpt = Checkpointer(ckpts, read_only=True)
+    assert ckpt.complete_steps() == [2] and ckpt.is_complete(2) and not ckpt.is_complete(5)
+    ckpt.close()
+    assert Checkpointer(str(tmp_path / "none"), read_only=True).complete_steps() == []
