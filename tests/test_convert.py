@@ -9,6 +9,7 @@ import math
 import os
 
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -18,8 +19,17 @@ transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 from transformers import ViTConfig, ViTForImageClassification, ViTModel  # noqa: E402
 
-from lfi_jax.models import ModelConfig, ViT, count_params, ivit_config, variant  # noqa: E402
-from lfi_jax.models import convert  # noqa: E402
+from lfi_jax.errors import UserError  # noqa: E402
+from lfi_jax.models import (  # noqa: E402
+    ModelConfig,
+    ViT,
+    build_model,
+    convert,  # noqa: E402
+    count_params,
+    ivit_config,
+    ivit_from_vit,
+    variant,
+)
 from lfi_jax.models.flops import macs, xla_flops  # noqa: E402
 
 D, DEPTH, HEADS, MLP, PATCH, IMAGE, CLASSES = 32, 2, 4, 64, 8, 32, 5
@@ -72,7 +82,8 @@ def _save(model, directory, fmt="safetensors"):
         torch.save({k: torch.from_numpy(v.copy()) for k, v in sd.items()}, os.path.join(directory, "pytorch_model.bin"))
         os.remove(os.path.join(directory, "model.safetensors"))
     elif fmt == "module_names":  # a raw state_dict() of the installed transformers' modules
-        save_file({k: v.numpy().copy() for k, v in model.state_dict().items()}, os.path.join(directory, "model.safetensors"))
+        sd = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+        save_file(sd, os.path.join(directory, "model.safetensors"))
     return str(directory)
 
 
@@ -84,8 +95,8 @@ def _flat(model):
 def test_hf_vit_logits_match_transformers(tmp_path, fmt):
     hf = _hf_model()
     model, cfg = convert.load_hf_vit(_save(hf, tmp_path, fmt))
-    assert (cfg.hidden_size, cfg.depth, cfg.num_heads, cfg.mlp_dim, cfg.patch_size, cfg.image_size, cfg.num_classes) == (
-        D, DEPTH, HEADS, MLP, PATCH, IMAGE, CLASSES)
+    sizes = (cfg.hidden_size, cfg.depth, cfg.num_heads, cfg.mlp_dim, cfg.patch_size, cfg.image_size, cfg.num_classes)
+    assert sizes == (D, DEPTH, HEADS, MLP, PATCH, IMAGE, CLASSES)
     assert cfg.layer_norm_eps == 1e-12 and not cfg.interaction_queries
     x = _images()
     ours = np.asarray(model(jnp.asarray(x))[0])
@@ -130,7 +141,8 @@ def test_mismatched_checkpoint_lists_every_problem(tmp_path):
         convert.load_hf_vit(path)
     msg = str(e.value)
     assert file in msg
-    for name in ("encoder.layer.1.output.dense.bias", "layernorm.weight", "encoder.layer.0.attention.attention.extra.weight",
+    for name in ("encoder.layer.1.output.dense.bias", "layernorm.weight",
+                 "encoder.layer.0.attention.attention.extra.weight",
                  f"encoder.layer.0.intermediate.dense.weight: checkpoint ({MLP + 1}, {D}) vs expected ({MLP}, {D})"):
         assert name in msg, msg
     assert "missing (2)" in msg and "unexpected (1)" in msg and "mis-shaped (1)" in msg
@@ -189,8 +201,9 @@ def _timm_state_dict(hf):
         p = f"vit.encoder.layer.{i}."
         b = f"blocks.{i}."
         for kind in ("weight", "bias"):
-            out[b + f"attn.qkv.{kind}"] = np.concatenate(
-                [sd[p + f"attention.attention.{n}.{kind}"] for n in ("query", "key", "value")], axis=0)
+            if p + f"attention.attention.query.{kind}" in sd:  # no qkv bias: no fused bias either
+                out[b + f"attn.qkv.{kind}"] = np.concatenate(
+                    [sd[p + f"attention.attention.{n}.{kind}"] for n in ("query", "key", "value")], axis=0)
             out[b + f"attn.proj.{kind}"] = sd[p + f"attention.output.dense.{kind}"]
             out[b + f"norm1.{kind}"] = sd[p + f"layernorm_before.{kind}"]
             out[b + f"norm2.{kind}"] = sd[p + f"layernorm_after.{kind}"]
@@ -212,8 +225,8 @@ def test_timm_checkpoint_loads_and_round_trips(tmp_path):
     file = str(tmp_path / "vit_tiny_custom.safetensors")
     save_file(timm_sd, file)
     model, cfg = convert.load_timm_vit(file, num_heads=HEADS)
-    assert (cfg.hidden_size, cfg.depth, cfg.num_heads, cfg.mlp_dim, cfg.patch_size, cfg.image_size, cfg.num_classes) == (
-        D, DEPTH, HEADS, MLP, PATCH, IMAGE, CLASSES)
+    sizes = (cfg.hidden_size, cfg.depth, cfg.num_heads, cfg.mlp_dim, cfg.patch_size, cfg.image_size, cfg.num_classes)
+    assert sizes == (D, DEPTH, HEADS, MLP, PATCH, IMAGE, CLASSES)
     assert cfg.layer_norm_eps == 1e-6
     x = _images()
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(x))[0]), _torch_logits(hf, x), atol=1e-4, rtol=0)
@@ -394,9 +407,101 @@ def test_bfloat16_safetensors_are_read(tmp_path):
 
     hf = _hf_model()
     path = _save(hf, tmp_path)
-    sd = {k: torch.from_numpy(v.copy()).to(torch.bfloat16) for k, v in load_file(os.path.join(path, "model.safetensors")).items()}
+    f32 = load_file(os.path.join(path, "model.safetensors"))
+    sd = {k: torch.from_numpy(v.copy()).to(torch.bfloat16) for k, v in f32.items()}
     save_torch(sd, os.path.join(path, "model.safetensors"))  # numpy has no bfloat16: decoded by hand
     model, _ = convert.load_hf_vit(path)
     got = convert.to_hf_state_dict(model)
     for k, v in sd.items():
         np.testing.assert_array_equal(got[k], v.float().numpy(), err_msg=k)
+
+
+# --------------------------------------------------------------------------------------
+# build_model (a run's start from config.init) and the architecture check of ivit_from_vit.
+
+
+def _init_config(hf="", timm=""):
+    return ml_collections.ConfigDict(dict(init=dict(hf=hf, timm=timm)))
+
+
+def _tiny_cfg(**kw):
+    base = dict(hidden_size=D, depth=DEPTH, num_heads=HEADS, mlp_dim=MLP, patch_size=PATCH, image_size=IMAGE,
+                num_classes=CLASSES)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def _b2(model):
+    return [np.asarray(layer.attention.gate.b2.get_value()) for layer in model.encoder.layer]
+
+
+def test_build_model_honours_a_configured_zero_gate_bias(tmp_path):
+    """Defect: with init.hf a configured gate bias of (0, 0) was replaced by (-4, 4)."""
+    config = _init_config(hf=_save(_hf_model(), tmp_path))
+    explicit = build_model(config, ivit_config(_tiny_cfg(), gate_bias_init=(0.0, 0.0)), seed=0)
+    for b2 in _b2(explicit):
+        np.testing.assert_array_equal(b2, np.zeros((HEADS, 2)))
+    unset = build_model(config, ivit_config(_tiny_cfg()), seed=0)  # gate_bias_init=None: the pretrained default
+    assert unset.cfg.gate_bias_init == (-4.0, 4.0)
+    for b2 in _b2(unset):
+        np.testing.assert_array_equal(b2, np.tile([-4.0, 4.0], (HEADS, 1)))
+    other = build_model(config, ivit_config(_tiny_cfg(), gate_bias_init=(-1.0, 2.0)), seed=0)
+    for b2 in _b2(other):
+        np.testing.assert_array_equal(b2, np.tile([-1.0, 2.0], (HEADS, 1)))
+    # From scratch the unset bias is (0, 0).
+    for b2 in _b2(build_model(_init_config(), ivit_config(_tiny_cfg()), seed=0)):
+        np.testing.assert_array_equal(b2, np.zeros((HEADS, 2)))
+
+
+def test_build_model_from_timm_keeps_timm_layer_norm_eps(tmp_path):
+    """Defect: a timm checkpoint (eps 1e-6) was rebuilt with the config default 1e-12, silently."""
+    hf = _hf_model(eps=1e-6)
+    file = str(tmp_path / "vit_timm.safetensors")
+    save_file(_timm_state_dict(hf), file)
+    config = _init_config(timm=file)
+    with pytest.raises(UserError, match=r"model\.layer_norm_eps: 1e-06 vs 1e-12"):
+        build_model(config, _tiny_cfg(num_heads=HEADS), seed=0)
+    model = build_model(config, _tiny_cfg(layer_norm_eps=1e-6), seed=0)
+    assert model.cfg.layer_norm_eps == 1e-6
+    x = _images()
+    ref = _torch_logits(hf, x)
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(x))[0]), ref, atol=1e-4, rtol=0)
+    ivit = build_model(config, ivit_config(_tiny_cfg(layer_norm_eps=1e-6)), seed=0)
+    assert ivit.cfg.layer_norm_eps == 1e-6 and ivit.encoder.layer[0].layernorm_before.epsilon == 1e-6
+
+
+def test_ivit_from_vit_compares_layer_norm_eps_and_qkv_bias():
+    vit = ViT(_tiny_cfg(layer_norm_eps=1e-6), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"model\.layer_norm_eps: 1e-06 vs 1e-12"):
+        ivit_from_vit(vit, ivit_config(_tiny_cfg()))
+    no_bias = ViT(_tiny_cfg(qkv_bias=False), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"model\.qkv_bias: False vs True"):  # was a KeyError
+        ivit_from_vit(no_bias, ivit_config(_tiny_cfg()))
+
+
+def test_vit_without_qkv_bias_becomes_an_ivit(tmp_path):
+    hf = _hf_model(qkv_bias=False)
+    path = _save(hf, tmp_path)
+    vit, cfg = convert.load_hf_vit(path)
+    assert not cfg.qkv_bias
+    x = _images()
+    np.testing.assert_allclose(np.asarray(vit(jnp.asarray(x))[0]), _torch_logits(hf, x), atol=1e-4, rtol=0)
+    ivit, icfg = convert.load_hf_vit(path, interaction=True)
+    flat = _flat(ivit)
+    assert not icfg.qkv_bias and ("encoder", "layer", 0, "attention", "interaction_query", "bias") not in flat
+    np.testing.assert_array_equal(flat[("encoder", "layer", 0, "attention", "interaction_query", "kernel")],
+                                  flat[("encoder", "layer", 0, "attention", "query", "kernel")])
+    _set(ivit, lambda p, v: np.zeros_like(v) if p[-1] in ("w1", "w2") else None)
+    np.testing.assert_allclose(np.asarray(ivit(jnp.asarray(x))[0]), _torch_logits(hf, x), atol=1e-4, rtol=0)
+    # Through config.init: the run's config must say qkv_bias=False (one line naming the key).
+    with pytest.raises(UserError, match=r"model\.qkv_bias: False vs True"):
+        build_model(_init_config(hf=path), ivit_config(_tiny_cfg()), seed=0)
+    built = build_model(_init_config(hf=path), ivit_config(_tiny_cfg(qkv_bias=False)), seed=0)
+    assert not built.cfg.qkv_bias
+    # timm: the bias is read off the tensors.
+    timm_sd = _timm_state_dict(hf)
+    assert "blocks.0.attn.qkv.weight" in timm_sd and "blocks.0.attn.qkv.bias" not in timm_sd
+    file = str(tmp_path / "nobias_timm.safetensors")
+    save_file(timm_sd, file)
+    _, tcfg = convert.load_timm_vit(file, num_heads=HEADS, layer_norm_eps=1e-12)
+    assert not tcfg.qkv_bias

@@ -118,3 +118,27 @@ def test_config_errors_name_the_key():
     m = ViT(tiny(), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="model.image_size"):
         m(jnp.zeros((1, 32, 32, 3)))
+
+
+def test_gate_bias_unset_means_zero_from_scratch_and_minus4_plus4_from_a_vit():
+    assert tiny().gate_bias_init is None
+    scratch = ViT(ivit_config(tiny()), rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(np.asarray(scratch.encoder.layer[0].attention.gate.b2[...]), np.zeros((4, 2)))
+    vit = ViT(tiny(), rngs=nnx.Rngs(0))
+    made = ivit_from_vit(vit, ivit_config(tiny()))
+    assert made.cfg.gate_bias_init == PRETRAINED_GATE_BIAS == (-4.0, 4.0)
+    for layer in made.encoder.layer:
+        np.testing.assert_array_equal(np.asarray(layer.attention.gate.b2[...]), np.tile([-4.0, 4.0], (4, 1)))
+    zero = ivit_from_vit(vit, ivit_config(tiny(), gate_bias_init=[0, 0]))  # a list, as JSON gives it
+    assert zero.cfg.gate_bias_init == (0.0, 0.0)
+    np.testing.assert_array_equal(np.asarray(zero.encoder.layer[1].attention.gate.b2[...]), np.zeros((4, 2)))
+    with pytest.raises(ValueError, match="model.gate_bias_init"):
+        tiny(gate_bias_init=(1.0, 2.0, 3.0))
+
+
+def test_gate_kind_comes_from_the_config():
+    linear = ViT(ivit_config(tiny(gate_hidden=0)), rngs=nnx.Rngs(0)).encoder.layer[0].attention.gate.params()
+    assert linear.w1 is None and linear.b1 is None and linear.w2.shape == (4, 2, 2) and linear.hidden == 0
+    hidden = ViT(ivit_config(tiny(gate_hidden=3)), rngs=nnx.Rngs(0)).encoder.layer[0].attention.gate.params()
+    assert hidden.w1.shape == (4, 2, 3) and hidden.b1.shape == (4, 3) and hidden.w2.shape == (4, 3, 2)
+    assert hidden.hidden == 3

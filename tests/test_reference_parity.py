@@ -19,8 +19,11 @@ from reference_math import alignment_loss_ref, interaction_attention_ref  # noqa
 from transformers import ViTConfig, ViTForImageClassification  # noqa: E402
 
 from lfi_jax import compare  # noqa: E402
-from lfi_jax.models import ModelConfig, ivit_config  # noqa: E402
-from lfi_jax.models import convert  # noqa: E402
+from lfi_jax.models import (  # noqa: E402
+    ModelConfig,
+    convert,  # noqa: E402
+    ivit_config,
+)
 from lfi_jax.reference import IViTReference, alignment_loss  # noqa: E402
 
 TINY = dict(hidden_size=32, depth=2, num_heads=4, mlp_dim=64, patch_size=4, image_size=16, num_classes=5)
@@ -74,7 +77,8 @@ def test_reference_attention_matches_the_float64_transcription(lfi):
     gate = None
     if hasattr(a, "gate"):
         gate = {n: p.detach().numpy() for n, p in a.gate.named_parameters()}
-    o, agt_cls = interaction_attention_ref(heads["query"], heads["interaction_query"], heads["key"], heads["value"], gate)
+    o, agt_cls = interaction_attention_ref(
+        heads["query"], heads["interaction_query"], heads["key"], heads["value"], gate)
     dense = layer.output.dense
     want = o.reshape(2, 17, 32) @ dense.weight.detach().numpy().T + dense.bias.detach().numpy()
     np.testing.assert_allclose(out.numpy(), want, atol=1e-10, rtol=0)
@@ -193,3 +197,15 @@ def test_compare_cli_fails_on_a_perturbed_side(tmp_path):
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not report["ok"] and report["perturbed"]
     assert report["max_abs_diff"]["logits"] > 1e-4  # the perturbation, not rounding, trips it
+
+
+def test_compare_cli_modes_come_from_the_subcommand_table(capsys):
+    from lfi_jax.compare.__main__ import SUBCOMMANDS, main
+
+    assert {"vit", "ivit"} <= set(SUBCOMMANDS)
+    with pytest.raises(SystemExit) as e:  # argparse's usage error: vit needs --hf
+        main(["vit"])
+    assert e.value.code == 2 and "--hf" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["nonesuch"])
+    assert e.value.code == 2

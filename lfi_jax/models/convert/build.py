@@ -6,7 +6,8 @@
 gives the backbone; the architecture is `mcfg` (the run's `model_config(config)`), which must
 agree with the checkpoint's on every field of `ARCHITECTURE_FIELDS` (a mismatch, e.g. timm's
 LayerNorm eps 1e-6 against the config's 1e-12, is an error naming both sides and the key to
-set), since the run's graph is built from `mcfg`. An I-ViT `mcfg` gets the pretrained
+set), since the run's graph is built from `mcfg`. A timm state dict does not record the number
+of heads; `mcfg.num_heads` is used. An I-ViT `mcfg` gets the pretrained
 initialisation (`ivit_from_vit`: Wq' = Wq, gate bias `mcfg.gate_bias_init` or, unset,
 (-4, +4)).
 """
@@ -36,7 +37,9 @@ def build_model(config: ml_collections.ConfigDict, mcfg: ModelConfig, *, seed: i
         vit, vcfg = load_hf_vit(hf, image_size=mcfg.image_size, num_classes=mcfg.num_classes)
     else:
         key, path = "init.timm", timm
-        vit, vcfg = load_timm_vit(timm, image_size=mcfg.image_size, num_classes=mcfg.num_classes)
+        # A timm state dict does not record the number of heads: the config's is used.
+        vit, vcfg = load_timm_vit(timm, num_heads=mcfg.num_heads, image_size=mcfg.image_size,
+                                  num_classes=mcfg.num_classes)
     diffs = vcfg.architecture_differences(mcfg)
     if diffs:
         raise UserError(
