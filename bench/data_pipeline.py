@@ -111,7 +111,8 @@ def main(argv=None) -> None:
 
     print(
         f"\nshortcut digits, 48 px, batch {args.batch}, augment: random resized crop; "
-        f"teacher: oracle {args.grid}x{args.grid} -> 8x8; {os.cpu_count()} CPUs ({platform.processor() or platform.machine()})\n"
+        f"teacher: oracle {args.grid}x{args.grid} -> 8x8; {os.cpu_count()} CPUs "
+        f"({platform.processor() or platform.machine()})\n"
     )
     print(f"load average before / after: {load0} / {_load()}\n")
     print("| configuration | workers | threads | examples/s (wall) | ms / batch | examples per CPU-second |")

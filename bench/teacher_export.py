@@ -208,7 +208,7 @@ def measure_forward(teacher, config: str, variant: str, batch: int = 8) -> dict:
     del out
     gc.collect()
     t0 = time.perf_counter()
-    out = _variant_forward(teacher, prep, variant)
+    _ = _variant_forward(teacher, prep, variant)
     if cuda:
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
@@ -300,7 +300,8 @@ def main(argv=None) -> int:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-    cmd = "python bench/teacher_export.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    args = argv if argv is not None else sys.argv[1:]
+    cmd = "python bench/teacher_export.py " + " ".join(shlex.quote(a) for a in args)
     lines = [
         f"Command: `{cmd.strip()}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f}), "
@@ -313,7 +314,10 @@ def main(argv=None) -> int:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in export_rows:
-        mem = f"{e['cuda_peak_mb']:.0f} MiB CUDA" if "cuda_peak_mb" in e else f"{e['rss_peak_mb']:.0f} MiB RSS (+{e['rss_added_mb']:.0f})"
+        if "cuda_peak_mb" in e:
+            mem = f"{e['cuda_peak_mb']:.0f} MiB CUDA"
+        else:
+            mem = f"{e['rss_peak_mb']:.0f} MiB RSS (+{e['rss_added_mb']:.0f})"
         lines.append(f"| {e['config']} | {e['device']} | {e['dtype']} | {e['layers']} | {e['grid']} | {e['batch']} "
                      f"| {e['images']} | {e['images_per_s']:.1f} | {e['images_per_cpu_s']:.1f} | {mem} |")
     lines += [
@@ -330,7 +334,10 @@ def main(argv=None) -> int:
         eager = next((r["added_mb"] for r in rows if r["variant"] == "eager"), None)
         for r in rows:
             rel = f"{r['added_mb'] / eager:.2f}x" if eager else "-"
-            lines.append(f"| {config} | {r['variant']} | {r['seq']} | {r['added_mb']:.1f} MiB | {rel} | {r['seconds'] * 1e3:.0f} ms |")
+            lines.append(
+                f"| {config} | {r['variant']} | {r['seq']} | {r['added_mb']:.1f} MiB | {rel} | "
+                f"{r['seconds'] * 1e3:.0f} ms |"
+            )
     table = "\n".join(lines)
     print(table)
     if not args.no_write:

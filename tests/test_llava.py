@@ -389,7 +389,8 @@ def test_shards_resume_and_other_model(tiny, tmp_path, monkeypatch):
     opts = dict(model=tiny, device="cpu", batch_size=2)
     full = export_store(src, str(tmp_path / "full"), "llava", shard_size=2, progress=False, **opts)
     # --shard 0/2 and 1/2 into one directory: the union is the whole store.
-    assert export_store(src, str(tmp_path / "parts"), "llava", shard_size=2, shard="0/2", progress=False, **opts) is None
+    parts_dir = str(tmp_path / "parts")
+    assert export_store(src, parts_dir, "llava", shard_size=2, shard="0/2", progress=False, **opts) is None
     parts = export_store(src, str(tmp_path / "parts"), "llava", shard_size=2, shard="1/2", progress=False, **opts)
     assert parts.manifest["content_hash"] == full.manifest["content_hash"]
     # A killed export (dies in its second shard) resumes to the same store.
@@ -414,7 +415,9 @@ def test_shards_resume_and_other_model(tiny, tmp_path, monkeypatch):
     other = tmp_path / "other_model"
     shutil.copytree(tiny, other)
     with pytest.raises(ValueError, match="teacher.model"):
-        export_store(src, str(tmp_path / "full"), "llava", shard_size=2, progress=False, **(opts | {"model": str(other)}))
+        export_store(
+            src, str(tmp_path / "full"), "llava", shard_size=2, progress=False, **(opts | {"model": str(other)})
+        )
 
 
 def test_dense_export_and_show_oracle(tiny, tmp_path):
@@ -477,7 +480,9 @@ def test_pad_to_square_puts_the_borders_of_a_non_square_image_on_the_grid(tmp_pa
     padded.pad_before, ip.do_pad = True, False
     again = padded.prepare([img], ["cat"])
     assert again["geometry"][0] == geom
-    np.testing.assert_allclose(again["inputs"]["pixel_values"].numpy(), prep["inputs"]["pixel_values"].numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        again["inputs"]["pixel_values"].numpy(), prep["inputs"]["pixel_values"].numpy(), atol=1e-5
+    )
     assert padded.provenance()["image_pad"] == "square" and own.provenance()["image_pad"] == "processor"
 
 

@@ -267,7 +267,9 @@ def test_parse_helpers():
     with pytest.raises(ValueError, match="'canvas'"):
         export.parse_data_options(["canvas"])
     args, opts = export.parse_args(["--data=d", "--out=o", "--grid=24,32", "--noise_blur=1.5", "--seed=2"])
-    assert opts == {"grid": "24,32", "geometry": "full", "target": "auto", "blur": 1.5, "shift": 0.0, "uniform": 0.0, "seed": 2}
+    assert opts == {
+        "grid": "24,32", "geometry": "full", "target": "auto", "blur": 1.5, "shift": 0.0, "uniform": 0.0, "seed": 2
+    }
     assert oracle.parse_grid(opts["grid"]) == (24, 32)
     _, opts = export.parse_args(["--data=d", "--out=o", "--noise-shift=0.5"])  # hyphenated spelling too
     assert opts["shift"] == 0.5

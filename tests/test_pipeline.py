@@ -59,7 +59,9 @@ def _cfg(**data_overrides):
             image_size=48,
             data_ratio=1.0,
             options=ConfigDict(dict(num_train=N_TRAIN, num_test=N_TEST)),
-            augment=ConfigDict(dict(random_resized_crop=True, crop_scale=(0.5, 1.0), crop_ratio=(0.75, 4 / 3), hflip=True)),
+            augment=ConfigDict(
+                dict(random_resized_crop=True, crop_scale=(0.5, 1.0), crop_ratio=(0.75, 4 / 3), hflip=True)
+            ),
             mean=(0.5, 0.5, 0.5),
             std=(0.5, 0.5, 0.5),
             num_workers=0,
@@ -165,7 +167,9 @@ def test_missing_teacher_entry_is_an_error_naming_the_id_or_masked():
     with pytest.raises(KeyError, match=missing):
         make_train_iterator(data, teacher, global_batch_size=16, patch_size=PATCH, seed=0, store=store)
     teacher.allow_missing = True
-    it = make_train_iterator(data, teacher, global_batch_size=16, patch_size=PATCH, seed=0, store=store, return_index=True)
+    it = make_train_iterator(
+        data, teacher, global_batch_size=16, patch_size=PATCH, seed=0, store=store, return_index=True
+    )
     seen = False
     for _ in range(N_TRAIN // 16):
         b = next(it)
@@ -177,7 +181,8 @@ def test_missing_teacher_entry_is_an_error_naming_the_id_or_masked():
                 assert b["teacher_mask"][j] == 1 or b["teacher"][j].sum() == 0
     assert seen
     # the per-example lookup names the id too (a store that loses entries after the check)
-    lookup = build_teacher_lookup(ConfigDict(dict(store="", allow_missing=False)), "shortcut_digits", "train", store=store)
+    cfg = ConfigDict(dict(store="", allow_missing=False))
+    lookup = build_teacher_lookup(cfg, "shortcut_digits", "train", store=store)
     with pytest.raises(KeyError, match=missing):
         lookup.get(missing)
 
@@ -206,7 +211,8 @@ def test_eval_covers_every_example_once_with_padding():
     per_process = []
     for p in range(2):
         ev = make_eval_iterator(
-            data, teacher, "test_shifted", global_batch_size=16, patch_size=PATCH, process_index=p, process_count=2, return_index=True
+            data, teacher, "test_shifted", global_batch_size=16, patch_size=PATCH, process_index=p, process_count=2,
+            return_index=True,
         )
         batches = list(ev)
         assert len(batches) == n_batches
@@ -239,7 +245,8 @@ def test_eval_ignores_the_train_data_ratio():
 def test_with_the_real_store(tmp_path):
     store_mod = pytest.importorskip("lfi_jax.teacher.store")
     fake = _oracle_store(n=32, grid=(5, 5))
-    writer = store_mod.StoreWriter(str(tmp_path / "s"), {"data": "shortcut_digits", "split": "train"}, num_examples=32, shard_size=16)
+    manifest = {"data": "shortcut_digits", "split": "train"}
+    writer = store_mod.StoreWriter(str(tmp_path / "s"), manifest, num_examples=32, shard_size=16)
     ids = [f"shortcut_digits/train/{i}" for i in range(32)]
     for k in range(2):
         writer.write_shard(k, [(eid, fake[eid]) for eid in ids[16 * k : 16 * (k + 1)]])

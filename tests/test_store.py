@@ -123,7 +123,8 @@ def test_resume_and_finalize_refuses_missing(tmp_path):
     assert w.num_shards == 4
     w.write_shard(0, records[0:2])
     w.write_shard(2, records[4:6])
-    with pytest.raises(ValueError, match=r"2 of 4 shards missing: shard-00001-of-00004.array_record, shard-00003-of-00004"):
+    missing = r"2 of 4 shards missing: shard-00001-of-00004.array_record, shard-00003-of-00004"
+    with pytest.raises(ValueError, match=missing):
         w.finalize()
     w2 = StoreWriter(str(tmp_path), dict(MANIFEST), num_examples=7, shard_size=2)
     assert [w2.shard_done(i) for i in range(4)] == [True, False, True, False]
@@ -243,7 +244,8 @@ def test_degenerate_must_be_zero_on_read(tmp_path):
     records = _records(2, degenerate=(1,))
     _, man = _build(tmp_path, records, shard_size=2)
     eid, e = records[1]
-    _rewrite(str(tmp_path / man["shards"][0]["file"]), [records[0], (eid, TeacherEntry(records[0][1].map, e.geometry, True, {}))])
+    flagged = TeacherEntry(records[0][1].map, e.geometry, True, {})
+    _rewrite(str(tmp_path / man["shards"][0]["file"]), [records[0], (eid, flagged)])
     with pytest.raises(ValueError, match=f"{eid}.*degenerate map must be all zeros"):
         TeacherStore(str(tmp_path))[eid]
 

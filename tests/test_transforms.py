@@ -132,7 +132,8 @@ def test_teacher_to_grid_equals_render_then_pool_and_supersampling():
         np.testing.assert_allclose(direct, fine, atol=2e-3)
     # pixel-aligned teacher cells and crop: the two paths agree exactly
     e = TeacherEntry(m / m.sum(), Geometry.full_image(12, 18))
-    np.testing.assert_allclose(teacher_to_grid(e, (2, 3, 10, 15), (4, 3))[0], area_pool(render_teacher(e), (4, 3), (2, 3, 10, 15)), atol=1e-6)
+    want = area_pool(render_teacher(e), (4, 3), (2, 3, 10, 15))
+    np.testing.assert_allclose(teacher_to_grid(e, (2, 3, 10, 15), (4, 3))[0], want, atol=1e-6)
 
 
 def test_area_pool_hand_computed():
@@ -165,7 +166,8 @@ def test_resize_image_matches_pil_bilinear():
     from PIL import Image
 
     img = np.random.default_rng(3).integers(0, 256, (40, 36, 3), dtype=np.uint8)
-    for (y0, x0, y1, x1), size in [((0, 0, 40, 36), 48), ((5, 7, 30, 33), 48), ((0, 0, 40, 36), 16), ((3, 2, 39, 35), 24)]:
+    cases = [((0, 0, 40, 36), 48), ((5, 7, 30, 33), 48), ((0, 0, 40, 36), 16), ((3, 2, 39, 35), 24)]
+    for (y0, x0, y1, x1), size in cases:
         ref = np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR, box=(x0, y0, x1, y1))) / 255.0
         got = resize_image(img, (y0, x0, y1, x1), size)
         assert got.shape == (size, size, 3) and got.dtype == np.float32
@@ -198,7 +200,8 @@ def test_eval_transform_is_a_plain_resize_and_normalises():
     assert out["teacher_mask"] == 1.0
     none = transform_example(img, None, image_size=4, grid_hw=(2, 2))
     assert none["teacher_mask"] == 0.0 and not none["teacher"].any()
-    degenerate = transform_example(img, TeacherEntry(np.zeros((2, 2)), e.geometry, degenerate=True), image_size=4, grid_hw=(2, 2))
+    zeros = TeacherEntry(np.zeros((2, 2)), e.geometry, degenerate=True)
+    degenerate = transform_example(img, zeros, image_size=4, grid_hw=(2, 2))
     assert degenerate["teacher_mask"] == 0.0
 
 
@@ -221,7 +224,8 @@ def test_random_crops_and_flips_keep_teacher_mass_on_the_digit(teacher_grid):
             density = np.kron(teacher_map, np.ones((6, 6))) / 36
         image = np.repeat(np.round(density / density.max() * 255).astype(np.uint8)[..., None], 3, -1)
         entry = TeacherEntry(teacher_map, Geometry.full_image(*mask.shape))
-        out = transform_example(image, entry, image_size=48, grid_hw=grid, rng=np.random.default_rng([7, 0, i]), augment=aug)
+        rng = np.random.default_rng([7, 0, i])
+        out = transform_example(image, entry, image_size=48, grid_hw=grid, rng=rng, augment=aug)
         patches = out["image"][..., 0].reshape(grid[0], patch, grid[1], patch).mean((1, 3)).ravel()
         if out["teacher_mask"] == 0:
             assert patches.max() < 0.02  # nothing of the teacher in the crop

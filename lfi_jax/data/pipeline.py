@@ -29,6 +29,7 @@ from typing import Any
 
 import grain
 import numpy as np
+from absl import flags
 
 from lfi_jax.data.sources import get_source
 from lfi_jax.data.transforms import Augment, transform_example
@@ -256,7 +257,10 @@ def _local_batch(global_batch_size: int, process_index: int, process_count: int,
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must lie in [0, process_count={process_count})")
     if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(f"config.{key}={global_batch_size} must be a positive multiple of the {process_count} processes")
+        raise ValueError(
+            f"config.{key}={global_batch_size} must be a positive multiple of the {process_count} "
+            "processes"
+        )
     return global_batch_size // process_count
 
 
@@ -287,8 +291,6 @@ def _finish(ds: grain.MapDataset, data_cfg: Any) -> grain.IterDataset:
     if workers < 0:
         raise ValueError(f"config.data.num_workers={workers} must be >= 0")
     if workers > 0:
-        from absl import flags
-
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside absl.app
             flags.FLAGS.mark_as_parsed()  # (tests, scripts) their defaults apply
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))

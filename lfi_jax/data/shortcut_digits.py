@@ -66,7 +66,7 @@ def _test_pool_mask(n: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=1)
 def _digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # deferred: importing sklearn takes seconds
 
     d = load_digits()
     return d.images.astype(np.float32) / 16.0, d.target.astype(np.int64)

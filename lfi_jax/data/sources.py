@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+from PIL import Image
 
 from lfi_jax.data.shortcut_digits import ShortcutDigits
 from lfi_jax.data.shortcut_digits import image_options as shortcut_digits_image_options
@@ -47,8 +48,6 @@ class DataSource(Protocol):
 
 def decode_image(path: str) -> np.ndarray:
     """The image file at `path` as uint8 [H, W, 3] RGB; an unreadable file names itself."""
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             im.load()
@@ -108,7 +107,9 @@ class ImageFolder:
             root = path
         self.root = root
         class_root = train_dir if os.path.isdir(train_dir) else root
-        self.class_names = sorted(d for d in os.listdir(class_root) if not d.startswith(".") and os.path.isdir(os.path.join(class_root, d)))
+        self.class_names = sorted(
+            d for d in os.listdir(class_root) if not d.startswith(".") and os.path.isdir(os.path.join(class_root, d))
+        )
         if not self.class_names:
             raise ValueError(f"imagefolder: no class directories in {class_root}")
         index = {c: i for i, c in enumerate(self.class_names)}

@@ -262,7 +262,8 @@ class Augment:
             raise ValueError(f"config.data.augment.crop_scale={tuple(aug.crop_scale)} must satisfy 0 < lo <= hi <= 1")
         if not 0 < aug.crop_ratio[0] <= aug.crop_ratio[1]:
             raise ValueError(f"config.data.augment.crop_ratio={tuple(aug.crop_ratio)} must satisfy 0 < lo <= hi")
-        return dataclasses.replace(aug, crop_scale=(float(lo), float(hi)), crop_ratio=tuple(float(r) for r in aug.crop_ratio))
+        ratio = tuple(float(r) for r in aug.crop_ratio)
+        return dataclasses.replace(aug, crop_scale=(float(lo), float(hi)), crop_ratio=ratio)
 
 
 def transform_example(

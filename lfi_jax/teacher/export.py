@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from lfi_jax.cli import run_cli
-from lfi_jax.data.sources import get_source
+from lfi_jax.data.sources import SOURCE_KINDS, get_source
 from lfi_jax.errors import UserError
 from lfi_jax.teacher import llava_export, oracle
 from lfi_jax.teacher.progress import log_line
@@ -60,6 +60,7 @@ BACKENDS: dict[str, Backend] = {
         precheck=llava_export.precheck, takes_progress=True,
     ),
 }
+_SPEC_FORMS = [k if not v.arg else f"{k}:{v.arg}" for k, v in SOURCE_KINDS.items()]
 # option name -> CLI flag name, where they differ
 FLAG_NAMES = {"blur": "noise_blur", "shift": "noise_shift", "uniform": "noise_uniform"}
 
@@ -179,7 +180,10 @@ def export_store(
     mine = [i for i in range(writer.num_shards) if i % nparts == part]
     todo = [i for i in mine if not writer.shard_done(i)]
     if progress and len(todo) < len(mine):
-        log_line(f"export {out}: {len(mine) - len(todo)} of this worker's {len(mine)} shards already done, skipping them")
+        log_line(
+            f"export {out}: {len(mine) - len(todo)} of this worker's {len(mine)} shards already done, skipping "
+            "them"
+        )
     total = sum(len(writer.shard_range(i)) for i in todo)
     done, t0 = 0, time.perf_counter()
     seen = _Fingerprinting(source)
@@ -216,7 +220,10 @@ def export_store(
     missing = writer.missing_shards()
     if missing:
         if progress:
-            log_line(f"export {out}: {len(missing)} shards still missing (other --shard workers?); manifest not written yet")
+            log_line(
+                f"export {out}: {len(missing)} shards still missing (other --shard workers?); manifest not "
+                "written yet"
+            )
         return None
     manifest = writer.finalize()
     if progress:
@@ -274,7 +281,7 @@ def _base_parser(add_help: bool) -> argparse.ArgumentParser:
         add_help=add_help,
     )
     p.add_argument("--teacher", default="oracle", help=f"backend: {' | '.join(BACKENDS)} (default oracle)")
-    p.add_argument("--data", help="data source spec: shortcut_digits | imagefolder:PATH | tinyimagenet:PATH | tfds:NAME")
+    p.add_argument("--data", help=f"data source spec: {' | '.join(_SPEC_FORMS)}")
     p.add_argument("--split", default="train", help="data split (default train)")
     p.add_argument("--out", help="store directory")
     p.add_argument("--data_option", action="append", default=[], metavar="KEY=VALUE", help="source option (repeatable)")
@@ -335,7 +342,7 @@ def _main(argv: Sequence[str], status: dict[str, str]) -> int:
     summary: dict[str, Any] = {"out": args.out, "complete": store is not None}
     if store is not None:
         m = store.manifest
-        summary.update(count=m["count"], degenerate_count=m["degenerate_count"], grid=m["grid"], content_hash=m["content_hash"])
+        summary.update({k: m[k] for k in ("count", "degenerate_count", "grid", "content_hash")})
     print(json.dumps(summary))
     return 0
 

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from lfi_jax.teacher import llava_conv as conv
 from lfi_jax.teacher.llava_runtime import DTYPES, Capture, _torch, model_fingerprint, resolve_device_dtype
@@ -79,7 +80,8 @@ class LlavaTeacher:
         self.model_path = os.path.abspath(model_path) if os.path.isdir(model_path) else model_path
         self.revision = revision
         self.task = task
-        self.prompt = prompt if prompt is not None else (conv.CLASSIFY_PROMPT if task == "classify" else conv.DENSE_PROMPT)
+        default_prompt = conv.CLASSIFY_PROMPT if task == "classify" else conv.DENSE_PROMPT
+        self.prompt = prompt if prompt is not None else default_prompt
         default_response = conv.CLASSIFY_RESPONSE if task == "classify" else conv.DENSE_RESPONSE
         self.response_template = response_template if response_template is not None else default_response
         conv.check_templates(task, self.prompt, self.response_template)
@@ -292,8 +294,6 @@ class LlavaTeacher:
         """One batch's model inputs and span/image-token indices (no model forward, except
         the greedy generation of background words with --background=generate)."""
         torch, _ = _torch()
-        from PIL import Image
-
         ids = list(ids) if ids is not None else [f"image {i}" for i in range(len(images))]
         pil, geoms, objects, prompts = [], [], [], []
         for i, img in enumerate(images):

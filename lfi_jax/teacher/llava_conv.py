@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from PIL import Image, ImageColor, ImageDraw
 
 from lfi_jax.teacher.types import Geometry
 
@@ -303,8 +304,6 @@ def parse_color(spec: str | Sequence[int]) -> tuple[int, int, int]:
             if "," in s:
                 rgb = tuple(int(v) for v in s.split(","))
             else:
-                from PIL import ImageColor
-
                 rgb = tuple(ImageColor.getrgb(s))[:3]
         except ValueError:
             raise ValueError(f"--box-color {spec!r} is not a colour (name, #rrggbb or r,g,b)") from None
@@ -318,8 +317,6 @@ def draw_boxes(image: np.ndarray, boxes: np.ndarray, color=(255, 0, 0), width: i
 
     width 0 picks max(1, round(0.01 * max(H, W))) pixels. The outline is drawn inside the box.
     """
-    from PIL import Image, ImageDraw
-
     h, w = image.shape[:2]
     lw = int(width) if width and width > 0 else max(1, round(0.01 * max(h, w)))
     im = Image.fromarray(np.ascontiguousarray(image))

@@ -79,7 +79,9 @@ def precheck(options) -> dict[str, Any]:
     o = {k: _opt(options, k, d) for k, (d, _) in TEACHER_OPTIONS.items()}
     model = str(o["model"])
     task = o["task"]
-    prompt = o["prompt"] if o["prompt"] is not None else (conv.CLASSIFY_PROMPT if task == "classify" else conv.DENSE_PROMPT)
+    prompt = o["prompt"]
+    if prompt is None:
+        prompt = conv.CLASSIFY_PROMPT if task == "classify" else conv.DENSE_PROMPT
     response = o["response_template"]
     if response is None:
         response = conv.CLASSIFY_RESPONSE if task == "classify" else conv.DENSE_RESPONSE

@@ -172,9 +172,10 @@ def check_compatible(
     store that was not built from this data; returns the ids of `source` the store lacks.
 
     The data is `source` (its name, split and options) or `spec`/`split`/`options` (each
-    overriding the source's); without a source or options only the kind, name and split count. `expected` compares further manifest keys (e.g. grid=(7, 7),
-    backend="oracle") as JSON data. With a `source` and `allow_missing` not None, the ids of
-    examples without a map are counted; some missing and not `allow_missing` is a KeyError.
+    overriding the source's); without a source or options only the kind, name and split count.
+    `expected` compares further manifest keys (e.g. grid=(7, 7), backend="oracle") as JSON data.
+    With a `source` and `allow_missing` not None, the ids of examples without a map are
+    counted; some missing and not `allow_missing` is a KeyError.
     """
     spec = str(spec if spec is not None else getattr(source, "name", ""))
     split = str(split if split is not None else getattr(source, "split", ""))

@@ -88,7 +88,8 @@ def describe(diffs: Sequence[tuple[str, Any, Any]], left: str, right: str) -> st
 def check_map(m: np.ndarray, degenerate: bool, grid: tuple[int, int] | None, where: str) -> None:
     """Raise ValueError (prefixed by `where`) unless `m` is a valid teacher map."""
     if m.ndim != 2 or (grid is not None and tuple(m.shape) != tuple(grid)):
-        raise ValueError(f"{where}: map shape {tuple(m.shape)}, expected the store grid {tuple(grid) if grid else '[gh, gw]'}")
+        want = tuple(grid) if grid else "[gh, gw]"
+        raise ValueError(f"{where}: map shape {tuple(m.shape)}, expected the store grid {want}")
     if not np.all(np.isfinite(m)):
         raise ValueError(f"{where}: map has {int(np.sum(~np.isfinite(m)))} non-finite values (NaN/inf)")
     if np.any(m < 0):
@@ -138,7 +139,8 @@ def decode_record(data: bytes, where: str = "record") -> tuple[str, TeacherEntry
         if len(body) != 4 * math.prod(shape):
             raise ValueError(f"map has {len(body)} bytes, shape {shape} needs {4 * math.prod(shape)}")
         m = np.frombuffer(body, dtype="<f4").reshape(shape).astype(np.float32)
-        entry = TeacherEntry(m, Geometry.from_json(header["geometry"]), bool(header["degenerate"]), dict(header["meta"]))
+        geometry = Geometry.from_json(header["geometry"])
+        entry = TeacherEntry(m, geometry, bool(header["degenerate"]), dict(header["meta"]))
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{where}: corrupt record: {type(e).__name__}: {e}") from None
     return str(header["id"]), entry

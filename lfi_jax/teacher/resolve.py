@@ -69,11 +69,12 @@ def _noise(config) -> dict[str, float]:
 def teacher_key(config) -> dict[str, Any]:
     """Everything the automatic oracle store depends on (JSON data; its hash names the store)."""
     noise = _noise(config)
+    grid = config.teacher.grid
     return {
         "source": config.data.source,
         "split": config.data.train_split,
         "options": _options(config),
-        "grid": int(config.teacher.grid) if not isinstance(config.teacher.grid, (tuple, list)) else list(config.teacher.grid),
+        "grid": list(grid) if isinstance(grid, (tuple, list)) else int(grid),
         "noise": noise,
         "seed": int(config.seed) if any(noise.values()) else 0,
     }
@@ -89,7 +90,10 @@ def build_auto_teacher(config, out: str, *, log_fn: Callable[[str], None] | None
     backend = t.auto or "oracle"
     if backend not in AUTO_BACKENDS:
         raise ValueError(f"config.teacher.auto={backend!r}; expected '' or one of {list(AUTO_BACKENDS)}")
-    (log_fn or log.info)(f"building the {backend} teacher store for {config.data.source}/{config.data.train_split} in {out}")
+    (log_fn or log.info)(
+        f"building the {backend} teacher store for {config.data.source}/{config.data.train_split} "
+        f"in {out}"
+    )
     source = get_source(config.data.source, config.data.train_split, _options(config))
     export_store(
         source,
@@ -130,7 +134,8 @@ def auto_store_path(config, *, workdir: str | None = None, cache_root: str | Non
     if workdir:
         return os.path.join(workdir, "teacher", config.data.train_split)
     raise ValueError(
-        f"config.teacher.auto={config.teacher.auto!r} needs a directory to build the store in (a workdir or a cache root)"
+        f"config.teacher.auto={config.teacher.auto!r} needs a directory to build the store in (a workdir or a cache "
+        "root)"
     )
 
 

@@ -165,7 +165,10 @@ class StoreWriter:
         if len(records) != expected:
             raise ValueError(f"teacher store {self.path}: shard {i} needs {expected} records, got {len(records)}")
         if fingerprints is not None and len(fingerprints) != len(records):
-            raise ValueError(f"teacher store {self.path}: shard {i}: {len(fingerprints)} fingerprints for {len(records)} records")
+            raise ValueError(
+                f"teacher store {self.path}: shard {i}: {len(fingerprints)} fingerprints for "
+                f"{len(records)} records"
+            )
         grid, seen, blobs, degenerate = None, set(), [], 0
         for eid, entry in records:
             where = f"teacher store {self.path}: example {eid!r}"
@@ -201,7 +204,7 @@ class StoreWriter:
             "grid": list(grid),
             "sha256": record_digest(blobs),
             "ids": [eid for eid, _ in records],
-            "image_fingerprints": None if fingerprints is None else [None if f is None else str(f) for f in fingerprints],
+            "image_fingerprints": None if fingerprints is None else [f and str(f) for f in fingerprints],
         }
         atomic_write_json(self._info_file(i), info)
         os.replace(tmp, final)
@@ -216,7 +219,10 @@ class StoreWriter:
         if missing:
             names = [shard_name(i, self.num_shards) for i in missing]
             shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
-            raise ValueError(f"teacher store {self.path}: cannot finalize, {len(missing)} of {self.num_shards} shards missing: {shown}")
+            raise ValueError(
+                f"teacher store {self.path}: cannot finalize, {len(missing)} of {self.num_shards} "
+                f"shards missing: {shown}"
+            )
         infos = [self._shard_info(i) for i in range(self.num_shards)]
         grids = {tuple(s["grid"]) for s in infos}
         if len(grids) != 1:
@@ -226,7 +232,10 @@ class StoreWriter:
         for s in infos:
             for eid in s["ids"]:
                 if eid in first:
-                    raise ValueError(f"teacher store {self.path}: example id {eid!r} in both {first[eid]} and {s['file']}")
+                    raise ValueError(
+                        f"teacher store {self.path}: example id {eid!r} in both {first[eid]} and "
+                        f"{s['file']}"
+                    )
                 first[eid] = s["file"]
         index = {"format": FORMAT, "format_version": FORMAT_VERSION, "shards": [s["ids"] for s in infos]}
         if all(s.get("image_fingerprints") for s in infos):
@@ -284,7 +293,10 @@ class TeacherStore:
         shard_ids = index["shards"]
         shards = m["shards"]
         if len(shard_ids) != len(shards):
-            raise ValueError(f"teacher store {self.path}: {index_file} lists {len(shard_ids)} shards, the manifest {len(shards)}")
+            raise ValueError(
+                f"teacher store {self.path}: {index_file} lists {len(shard_ids)} shards, the manifest "
+                f"{len(shards)}"
+            )
         missing = [s["file"] for s in shards if not os.path.isfile(os.path.join(self.path, s["file"]))]
         if missing:
             raise FileNotFoundError(f"teacher store {self.path}: shard files missing: {', '.join(missing)}")
@@ -293,7 +305,10 @@ class TeacherStore:
         self._index: dict[str, tuple[int, int]] = {}
         for k, ids in enumerate(shard_ids):
             if len(ids) != shards[k]["count"]:
-                raise ValueError(f"teacher store {self.path}: {shards[k]['file']}: index has {len(ids)} ids, manifest count {shards[k]['count']}")
+                raise ValueError(
+                    f"teacher store {self.path}: {shards[k]['file']}: index has {len(ids)} ids, "
+                    f"manifest count {shards[k]['count']}"
+                )
             for pos, eid in enumerate(ids):
                 self._index[eid] = (k, pos)
             self._ids.extend(ids)
