@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from lfi_jax.fileio import atomic_write_with
+from lfi_jax.fileio import write_json_atomic
 from lfi_jax.teacher.types import Geometry, TeacherEntry
 
 SUM_TOLERANCE = 1e-3  # |sum(map) - 1| allowed for a non-degenerate map
@@ -44,15 +44,9 @@ def to_json_value(x: Any) -> Any:
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
-    """Write `obj` as JSON (indent 1, sorted keys) to `path` atomically, fsynced before the
-    rename (`lfi_jax.fileio.atomic_write_with`)."""
-    text = json.dumps(obj, indent=1, sort_keys=True, default=_json_default) + "\n"
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    atomic_write_with(path, write, fsync=True)
+    """The store's JSON files: `lfi_jax.fileio.write_json_atomic` with sorted keys, numpy
+    values as plain JSON, fsynced before the rename."""
+    write_json_atomic(path, obj, fsync=True, sort_keys=True, default=_json_default)
 
 
 def read_json(path: str) -> Any:
