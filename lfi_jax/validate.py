@@ -15,7 +15,8 @@ each failing with ONE line that names the config key and both sides:
     list, and its labels where it lists them);
   * every split in `data.eval_splits` opened (a missing split names the split and the source),
     its classes compared with the train split's, and its first example decoded (a corrupt image
-    names its file); the train split's first example too;
+    names its file); the train split's first example too; an image folder without split
+    directories (every split reads the same images) evaluates nothing, so a split there is refused;
   * the teacher store, when the model reads one, checked against the train data
     (`lfi_jax.teacher.provenance.check_compatible`: what identifies the data, not its path) and
     for missing maps (unless `teacher.allow_missing`).
@@ -178,6 +179,13 @@ def check_eval_splits(
                 f"config.data.eval_splits: split {split!r} of data.source={spec!r} cannot be opened: {_one_line(e)} "
                 f"(eval splits {list(splits)}; set --config.data.eval_splits=SPLIT,...)"
             ) from e
+        root, train_root = getattr(src, "root", None), getattr(train_source, "root", None)
+        if root is not None and root == train_root and split != config.data.train_split:
+            raise UserError(
+                f"config.data.eval_splits: split {split!r} of {spec} has no directory of its own ({root} has no "
+                f"split directories), so it would evaluate on the training images: use the layout PATH/train + "
+                f"PATH/{split}, or --config.data.eval_splits= (none)"
+            )
         classes = tuple(getattr(src, "class_names", None) or ())
         if train_classes and classes and classes != train_classes:
             raise UserError(

@@ -182,3 +182,15 @@ def test_static_config_errors_are_user_errors(tmp_path):
     c = folder_config(path, **{"model.image_size": 60})
     msg = _fails(c, mesh_of((1, 1)), _train_source(c))
     assert "config.model.image_size=60 differs from config.data.image_size" in msg
+
+
+def test_eval_split_of_a_flat_folder_would_be_the_training_images(tmp_path):
+    root = tmp_path / "flat"  # root/<class>/<file>: every split name reads the same images
+    for c in CLASSES[:2]:
+        os.makedirs(root / c)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / c / "0.png")
+    c = folder_config(str(root), **{"model.num_classes": 2})
+    msg = _fails(c, mesh_of((1, 1)), _train_source(c))
+    assert msg.startswith(f"config.data.eval_splits: split 'val' of imagefolder:{root} has no directory of its own")
+    c.data.eval_splits = ()
+    assert validate_for_training(c, mesh_of((1, 1)), _train_source(c)).eval_splits == ()
