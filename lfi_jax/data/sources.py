@@ -4,6 +4,11 @@
   imagefolder:PATH       PATH/<split>/<class>/<file> if PATH/<split> exists, else PATH/<class>/<file>
   tinyimagenet:PATH      the data set's own layout (train/<wnid>/images, val/images + annotations)
   tfds:NAME              a TFDS catalog data set (needs tensorflow_datasets, imported lazily)
+  coco:PATH              COCO detection (lfi_jax/data/coco.py)
+  shortcut_digits_det    the embedded detection benchmark (lfi_jax/data/shortcut_digits_det.py)
+
+Each kind is a `SourceKind` in `SOURCE_KINDS` (a build function, whether the spec's argument
+is a path or a name, and which options change the images: what a teacher store must match).
 
 Every source is a grain `RandomAccessDataSource`: `len(src)`, `src[i]` -> a dict with "id"
 (stable example id, the key of the teacher store), "image" (uint8 [H, W, 3]), "label" (int)
@@ -26,6 +31,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from PIL import Image
 
+from lfi_jax.data import coco, shortcut_digits_det
 from lfi_jax.data.shortcut_digits import ShortcutDigits
 from lfi_jax.data.shortcut_digits import image_options as shortcut_digits_image_options
 
@@ -428,6 +434,9 @@ SOURCE_KINDS: dict[str, SourceKind] = {
     "imagefolder": SourceKind(_build_imagefolder, "PATH"),
     "tinyimagenet": SourceKind(_build_tinyimagenet, "PATH"),
     "tfds": SourceKind(_build_tfds, "NAME", path_options=("data_dir",)),
+    # detection sources (records with "boxes" and "labels" [K], no image-level "label")
+    "coco": SourceKind(coco.build_coco_source, "PATH", path_options=coco.PATH_OPTIONS),
+    "shortcut_digits_det": SourceKind(shortcut_digits_det.build_source, "", shortcut_digits_det.image_options),
 }
 
 
