@@ -96,12 +96,12 @@ def dense_student_maps(agt_rows, key_mask, query_mask=None):
             weight = jnp.ones((b, layers), f32)
         else:
             qm = query_mask.astype(f32)
-            if qm.ndim == 2:
-                qm = jnp.broadcast_to(qm[:, None, :], (b, layers, nq))
-            if qm.shape != (b, layers, nq):
+            if qm.shape not in ((b, nq), (b, layers, nq)):
                 raise ValueError(
                     f"dense_alignment_loss: query_mask must be [B, Nq] or [B, L, Nq], got {query_mask.shape}"
                 )
+            if qm.ndim == 2:
+                qm = jnp.broadcast_to(qm[:, None, :], (b, layers, nq))
             count = jnp.sum(qm, axis=-1)  # [B, L]
             a = jnp.einsum("blhqk,blq->blk", rows, qm) / (rows.shape[2] * jnp.maximum(count, 1.0))[..., None]
             weight = (count > 0).astype(f32)
@@ -113,7 +113,9 @@ def dense_student_maps(agt_rows, key_mask, query_mask=None):
     else:
         raise ValueError(f"dense_alignment_loss: agt_rows must be [B, L, H, Nq, Nk] or [B, L, Nk], got {rows.shape}")
     a = jnp.where(key_mask[:, None, :], a, 0.0)
-    a = a / jnp.maximum(jnp.sum(a, axis=-1, keepdims=True), tiny)
+    total = jnp.sum(a, axis=-1, keepdims=True)
+    # An all-zero map stays 0 with a finite (zero) gradient: no 0 / tiny^2 in the backward.
+    a = a / jnp.where(total > tiny, total, 1.0)
     return a, weight
 
 

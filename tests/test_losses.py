@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference_math import alignment_loss_ref, dense_alignment_loss_ref
 
-from lfi_jax.losses import alignment_loss, cross_entropy
-from reference_math import alignment_loss_ref
+from lfi_jax.losses import alignment_loss, cross_entropy, dense_alignment_loss
 
 
 def _rows(b, layers, h, n, seed=0):
@@ -75,3 +75,66 @@ def test_cross_entropy_with_label_smoothing():
     assert float(cross_entropy(logits, jnp.array([0]), label_smoothing=s)) == pytest.approx(
         -(target * np.log(p)).sum(), rel=1e-6
     )
+
+
+# ----------------------------------------------------------------------------- dense (SPEC section 7)
+
+
+def _dense_case(b=3, layers=2, h=2, nq=5, nk=8, seed=0):
+    r = np.random.default_rng(seed)
+    mask = np.ones((b, nk), bool)
+    mask[0, -3:] = False
+    mask[1, 2] = False
+    logits = r.normal(size=(b, layers, h, nq, nk)) * 2
+    rows = np.exp(logits) * mask[:, None, None, None, :]
+    rows = rows / rows.sum(-1, keepdims=True)
+    t = np.maximum(r.normal(size=(b, nk)), 0) * mask
+    t[:, 0] += 0.1 * mask[:, 0]
+    t = t / t.sum(-1, keepdims=True)
+    return jnp.asarray(rows, jnp.float32), jnp.asarray(t, jnp.float32), jnp.asarray(mask)
+
+
+def test_dense_alignment_matches_float64_reference_query_mean_and_matched():
+    rows, t, mask = _dense_case()
+    got = float(dense_alignment_loss(rows, t, mask))
+    np.testing.assert_allclose(got, dense_alignment_loss_ref(rows, t, mask), rtol=1e-5)
+    qm = jnp.asarray([[1, 0, 1, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], bool)  # example 1: nothing matched
+    got = float(dense_alignment_loss(rows, t, mask, qm))
+    np.testing.assert_allclose(got, dense_alignment_loss_ref(rows, t, mask, qm), rtol=1e-5)
+    qml = jnp.asarray(np.random.default_rng(1).random((3, 2, 5)) > 0.5)  # matched per layer
+    got = float(dense_alignment_loss(rows, t, mask, qml, example_mask=jnp.asarray([1.0, 1.0, 0.0])))
+    np.testing.assert_allclose(got, dense_alignment_loss_ref(rows, t, mask, qml, [1, 1, 0]), rtol=1e-5)
+
+
+def test_dense_alignment_hand_worked_and_premeaned_form():
+    # One example, one layer, one head, two queries over 3 keys (the last padded):
+    # a = mean of [0.5, 0.5, 0] and [0.9, 0.1, 0] = [0.7, 0.3]; teacher [1, 0] -> KL = -log 0.7.
+    rows = jnp.asarray([[[[[0.5, 0.5, 0.0], [0.9, 0.1, 0.0]]]]])
+    t = jnp.asarray([[1.0, 0.0, 0.0]])
+    mask = jnp.asarray([[True, True, False]])
+    assert float(dense_alignment_loss(rows, t, mask)) == pytest.approx(-math.log(0.7), rel=1e-6)
+    assert float(dense_alignment_loss(rows, t, mask, jnp.asarray([[False, True]]))) == pytest.approx(
+        -math.log(0.9), rel=1e-6
+    )
+    pre = jnp.asarray([[[0.7, 0.3, 0.0]]])
+    assert float(dense_alignment_loss(pre, t, mask)) == pytest.approx(-math.log(0.7), rel=1e-6)
+
+
+def test_dense_alignment_gradient_finite_and_none_on_padding():
+    rows, t, mask = _dense_case(seed=2)
+    g = jax.grad(lambda r: dense_alignment_loss(r, t, mask))(rows)
+    assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).sum()) > 0
+    assert float(jnp.abs(jnp.where(mask[:, None, None, None, :], 0.0, g)).max()) == 0.0
+    nothing = jnp.zeros((3, 5), bool)
+    loss, g0 = jax.value_and_grad(lambda r: dense_alignment_loss(r, t, mask, nothing))(rows)
+    assert float(loss) == 0.0 and bool(jnp.all(g0 == 0))
+
+
+def test_dense_alignment_bad_shapes():
+    rows, t, mask = _dense_case()
+    with pytest.raises(ValueError, match="must both be"):
+        dense_alignment_loss(rows, t[:, :4], mask)
+    with pytest.raises(ValueError, match="query_mask must be"):
+        dense_alignment_loss(rows, t, mask, jnp.ones((3, 4), bool))
+    with pytest.raises(ValueError, match="agt_rows must be"):
+        dense_alignment_loss(rows[:, 0], t, mask)
