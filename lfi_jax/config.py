@@ -29,7 +29,7 @@ from lfi_jax.models.config import VARIANTS, model_config, model_fields
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 # Compute dtype of the paper's configs (configs/tinyimagenet.py, pacs.py, vlcs.py): bfloat16 with
-# float32 parameters and accumulation, the accelerators' fast path; their `runlocal` smoke tests
+# float32 parameters, the accelerators' fast path; their `runlocal` smoke tests
 # (and CPU runs via --config.model.dtype=float32) compute in float32. A documented default rather
 # than a backend-dependent "auto": a run's config.json states the numerics it trained with.
 PAPER_DTYPE = "bfloat16"
