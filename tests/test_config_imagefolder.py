@@ -64,6 +64,8 @@ def test_recipe_runs_as_written(tmp_path):
     ev = json.load(open(tmp_path / "runs/shapes_check/eval/val.json"))
     assert "accuracy" in json.dumps(ev)
     assert (tmp_path / "exported/shapes_check/model.safetensors").is_file()
+    hf = json.load(open(tmp_path / "exported/shapes_check/config.json"))
+    assert hf["id2label"] == {"0": "circle", "1": "square", "2": "triangle"}  # as docs/data.md says
     assert sorted(os.listdir(tmp_path / "shapes")) == ["train", "val"]
 
     # the I-ViT block, with a store standing in for the LLaVA export of step 3
