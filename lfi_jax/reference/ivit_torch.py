@@ -28,12 +28,12 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file, save_file
 from torch import nn
 from transformers import ViTConfig, ViTForImageClassification, ViTModel
 
 from lfi_jax.fileio import atomic_write_with
-
-CONFIG_KEY = "lfi_interaction"
+from lfi_jax.models.convert.hf import CONFIG_KEY  # config.json entry of the I-ViT switches
 
 
 class Gate(nn.Module):
@@ -208,8 +208,6 @@ class IViTReference(nn.Module):
 
     def save(self, directory: str) -> None:
         """Write config.json + model.safetensors (Hub names), as `convert.save_hf` does."""
-        from safetensors.numpy import save_file
-
         os.makedirs(directory, exist_ok=True)
         raw = self.config.to_dict()
         raw.pop(CONFIG_KEY, None)
@@ -230,8 +228,6 @@ class IViTReference(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str) -> "IViTReference":
         """Read a directory written by `lfi_jax.models.convert.save_hf` (or transformers)."""
-        from safetensors.numpy import load_file
-
         with open(os.path.join(directory, "config.json")) as f:
             raw = json.load(f)
         config = ViTConfig(**{k: v for k, v in raw.items() if k != CONFIG_KEY})
