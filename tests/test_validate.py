@@ -194,3 +194,16 @@ def test_eval_split_of_a_flat_folder_would_be_the_training_images(tmp_path):
     assert msg.startswith(f"config.data.eval_splits: split 'val' of imagefolder:{root} has no directory of its own")
     c.data.eval_splits = ()
     assert validate_for_training(c, mesh_of((1, 1)), _train_source(c)).eval_splits == ()
+
+
+@pytest.mark.parametrize(
+    "name,arg,head", [("pacs", "sketch,vit,runlocal", 7), ("tinyimagenet", "Ti/16,vit,runlocal", 200)]
+)
+def test_paper_configs_on_ten_class_data_are_refused(tmp_path, name, arg, head):
+    path = make_folder(tmp_path / "shapes", splits=(("train", 1), ("test", 1), ("val", 1)))
+    c = load_config_file(name, arg)
+    c.data.source = f"imagefolder:{path}"
+    c.init.hf = ""
+    msg = _fails(c, mesh_of((1, 1)), _train_source(c))
+    want = f"config.model.num_classes={head} but the data (imagefolder:{path} split train) has 10 classes"
+    assert msg.startswith(want)
