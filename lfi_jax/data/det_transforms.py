@@ -166,9 +166,17 @@ def feature_grid(pad_hw: Sequence[int], stride: int = 32) -> tuple[int, int]:
 
 
 def valid_cells(out_hw: Sequence[int], pad_hw: Sequence[int], grid_hw: Sequence[int]) -> np.ndarray:
-    """bool [gh, gw]: cells whose nearest-sampled pixel (floor(i * pad / g)) lies on the image."""
-    rows = np.floor(np.arange(grid_hw[0]) * (pad_hw[0] / grid_hw[0])).astype(np.int64) < out_hw[0]
-    cols = np.floor(np.arange(grid_hw[1]) * (pad_hw[1] / grid_hw[1])).astype(np.int64) < out_hw[1]
+    """bool [gh, gw]: cells whose nearest-sampled pixel lies on the image.
+
+    PyTorch's nearest rule, in its float32 arithmetic: pixel floor(i * float32(pad / g)).
+    """
+
+    def axis(n_out: int, pad: int, g: int) -> np.ndarray:
+        scale = np.float32(pad) / np.float32(g)
+        src = np.minimum(np.floor(np.arange(g, dtype=np.float32) * scale).astype(np.int64), pad - 1)
+        return src < n_out
+
+    rows, cols = axis(out_hw[0], pad_hw[0], grid_hw[0]), axis(out_hw[1], pad_hw[1], grid_hw[1])
     return rows[:, None] & cols[None, :]
 
 
