@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -20,79 +21,44 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from lfi_jax import sharding as shd
 from lfi_jax.checkpoint import Checkpointer
 from lfi_jax.cli import add_config_flags, add_debug_flag, config_from_args, run_cli
-from lfi_jax.config import validate
 from lfi_jax.distributed import maybe_initialize
 from lfi_jax.errors import UserError
 from lfi_jax.fileio import write_json_atomic
 from lfi_jax.metrics import MetricWriter, format_eta, setup_logging
 from lfi_jax.run import RUN_INFO_FILE, check_resume, record_config
-from lfi_jax.tasks.classification import build_model  # noqa: F401  (importable here as before)
 from lfi_jax.tasks.registry import get_task
-from lfi_jax.trainer import Trainer, create_trainer, evaluate_splits  # noqa: F401  (importable here as before)
+from lfi_jax.teacher.resolve import resolve_teacher
+from lfi_jax.trainer import Trainer, create_trainer, evaluate_splits  # noqa: F401  (create_trainer: importable here)
+from lfi_jax.validate import check_teacher, validate_for_training
 
 log = logging.getLogger("lfi_jax.train")
 
 
-# --------------------------------------------------------------------------- teacher + data
+# --------------------------------------------------------------------------- teacher
 
 
-def build_auto_teacher(config, out: str, *, log_fn: Callable[[str], None] | None = None) -> None:
-    """Export the teacher `config.teacher` describes (backend `teacher.auto`, default oracle;
-    its grid and noise, noise drawn with `config.seed`) for the train split into `out`,
-    unless a complete store is already there."""
-    if os.path.exists(os.path.join(out, "manifest.json")):
-        return
-    from lfi_jax.data.sources import get_source
-    from lfi_jax.teacher.export import export_store
-
-    t = config.teacher
-    backend = t.auto or "oracle"
-    where = f"{config.data.source}/{config.data.train_split}"
-    (log_fn or log.info)(f"building the {backend} teacher store for {where} in {out}")
-    source = get_source(config.data.source, config.data.train_split, config.data.options.to_dict())
-    export_store(
-        source,
-        out,
-        backend=backend,
-        grid=int(t.grid),
-        blur=float(t.noise.blur),
-        shift=float(t.noise.shift),
-        uniform=float(t.noise.uniform),
-        seed=int(config.seed),
-        data_spec=config.data.source,
-    )
-
-
-def prepare_teacher(config, workdir: str) -> ml_collections.ConfigDict:
-    """The teacher config the pipeline sees; builds the oracle store first if asked to."""
-    teacher = ml_collections.ConfigDict(config.teacher.to_dict())
-    if not config.model.interaction_constraint:
-        teacher.store = ""  # nothing reads the teacher: do not load (or build) it
-        return teacher
-    if teacher.store or not teacher.auto:
-        return teacher
-    out = os.path.join(workdir, "teacher", config.data.train_split)
-    if jax.process_index() == 0:
-        build_auto_teacher(config, out)
-    _barrier("teacher_store")
-    teacher.store = out
-    return teacher
-
-
-def _barrier(name: str):
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
+def resolve_store(config, workdir: str) -> str | None:
+    """The teacher store this run reads (None: none), built first when `teacher.auto` asks for
+    it: by process 0, the others wait at a barrier (`lfi_jax.teacher.resolve.resolve_teacher`)."""
+    is_main = jax.process_index() == 0
+    choice = resolve_teacher(config, workdir=workdir, build=is_main)
+    if jax.process_count() > 1 and choice.auto:
+        multihost_utils.sync_global_devices("teacher_store")
+        if not is_main:
+            choice = resolve_teacher(config, workdir=workdir, build=False)
+    if choice.active and not choice.ready:
+        raise UserError(f"teacher store {choice.store} is not ready ({choice.reason})")
+    return choice.store
 
 
 # --------------------------------------------------------------------------- the loop
@@ -126,29 +92,7 @@ def _progress(config, text: str) -> None:
         print(f"[{config.get('name', 'train')}] {text}", file=sys.stderr, flush=True)
 
 
-def _startup_checks(config, mesh, source, store) -> list[str]:
-    """Start-up checks made before anything is written (placeholder of the config validator's
-    `validate_for_training`): batch sizes against the devices on the batch axes. Returns the
-    start-up log's lines about the data."""
-    n = int(np.prod([mesh.shape[a] for a in shd.batch_axes(mesh)])) if mesh.shape else 1
-    accum = int(config.optim.grad_accum_steps)
-    micro = int(config.batch_size) // accum
-    if micro % n:
-        raise UserError(
-            f"config.batch_size={config.batch_size} / config.optim.grad_accum_steps={accum} = {micro} examples per "
-            f"micro-batch is not divisible by the {n} devices on the batch axes {shd.batch_axes(mesh)}"
-        )
-    if int(config.eval_batch_size) % n:  # fail now, not at the first evaluation
-        raise UserError(f"config.eval_batch_size={config.eval_batch_size} is not divisible by the {n} devices")
-    classes = list(getattr(source, "class_names", None) or [])
-    return [
-        f"data: {config.data.source} split {config.data.train_split} ({len(source):,} examples), "
-        f"{len(classes)} classes",
-        f"eval splits: {', '.join(config.data.eval_splits) or 'none'}",
-    ]
-
-
-def _write_run_info(workdir: str, config, source, teacher_store: str, lines: list[str]) -> None:
+def _write_run_info(workdir: str, config, source, teacher_store: str | None, lines: list[str]) -> None:
     if jax.process_index() != 0:
         return
     info = dict(
@@ -170,21 +114,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains per `config` in `workdir` (resuming if a checkpoint is there); returns the final
     metrics (including the evaluations' metrics).
 
-    Start-up (before anything is written to the workdir, apart from an oracle teacher store
-    the config asks to build): the config's checks, the run's identity against a run already
-    in `workdir` (`lfi_jax.run.check_resume`), batch sizes against devices, the data and the
-    teacher store. Then config.json (and config_history.jsonl on a changed resume)."""
-    validate(config)
+    Start-up, before anything is written to the workdir (apart from an oracle teacher store the
+    config asks to build): the run's identity against a run already in `workdir`
+    (`lfi_jax.run.check_resume`), `lfi_jax.validate.validate_for_training` (the config, batch
+    sizes against devices, classes, every eval split's first example), the teacher store
+    against the data, and the restore of the checkpoint to resume from. Only then config.json
+    (and config_history.jsonl on a changed resume) and run_info.json."""
     task = get_task(config)
     mcfg = task.model_config(config)
     changes = check_resume(workdir, config)
     mesh = shd.make_mesh(config.mesh)
     source = task.source(config, config.data.train_split)
-    lines = _startup_checks(config, mesh, source, None)
-    teacher_cfg = prepare_teacher(config, workdir)  # may build the oracle store the config asks for
-    if mcfg.interaction_constraint and not teacher_cfg.store:
-        raise UserError("config.model.interaction_constraint is on but config.teacher.store is empty")
-    lines.append(f"teacher store: {teacher_cfg.store or 'none'}")
+    report = validate_for_training(config, mesh, source, teacher=False)  # before a store is built
+    store = resolve_store(config, workdir)  # may build the oracle store the config asks for
+    teacher_path, missing = check_teacher(config, source, store)
+    report = dataclasses.replace(report, teacher=teacher_path, teacher_missing=missing)
+    lines = report.lines()
+    teacher_cfg = ml_collections.ConfigDict(config.teacher.to_dict())
+    teacher_cfg.store = store or ""
     is_main = jax.process_index() == 0
 
     trainer, init_state, state_shapes = create_trainer(config, mcfg, mesh, seed=int(config.seed), task=task)
@@ -202,7 +149,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             reader.close()
     os.makedirs(workdir, exist_ok=True)
     record_config(workdir, config, changes, step=start if resuming else None)
-    _write_run_info(workdir, config, source, teacher_cfg.store, lines)
+    _write_run_info(workdir, config, source, store, lines)
     if is_main:
         for line in lines:
             log.info("%s", line)

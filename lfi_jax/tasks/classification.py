@@ -3,7 +3,6 @@ section 2), top-1 accuracy per eval split. The trainer's `Task` for `config.task
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
 from typing import Any
 
@@ -12,11 +11,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from lfi_jax.config import model_config
 from lfi_jax.data.pipeline import make_eval_iterator, make_train_iterator
 from lfi_jax.data.sources import get_source
 from lfi_jax.losses import alignment_loss, cross_entropy
-from lfi_jax.models.vit import ModelConfig, ViT
+from lfi_jax.models.config import ModelConfig, model_config
+from lfi_jax.models.convert import build_model  # fresh, or from init.hf / init.timm
+from lfi_jax.models.vit import ViT
 from lfi_jax.tasks import Task
 
 EVAL_KEYS = ("image", "label", "valid")
@@ -30,23 +30,7 @@ def load_model(config: ml_collections.ConfigDict, mcfg: ModelConfig, seed: int) 
     """The model initialised from `config.init.hf` / `config.init.timm`, or None for a fresh one."""
     if not (config.init.hf or config.init.timm):
         return None
-    from lfi_jax.models import convert  # transformers-free, but large: only when a checkpoint is named
-    from lfi_jax.models.ivit import PRETRAINED_GATE_BIAS, ivit_from_vit
-
-    if config.init.hf:
-        vit, _ = convert.load_hf_vit(config.init.hf, image_size=mcfg.image_size, num_classes=mcfg.num_classes)
-    else:
-        vit, _ = convert.load_timm_vit(config.init.timm, image_size=mcfg.image_size, num_classes=mcfg.num_classes)
-    if mcfg.interaction_queries:
-        bias = mcfg.gate_bias_init if tuple(mcfg.gate_bias_init) != (0.0, 0.0) else PRETRAINED_GATE_BIAS
-        return ivit_from_vit(vit, dataclasses.replace(mcfg, gate_bias_init=tuple(bias)), seed=seed)
-    return ivit_from_vit(vit, mcfg, seed=seed)  # same architecture: copies every tensor
-
-
-def build_model(config: ml_collections.ConfigDict, mcfg: ModelConfig, *, seed: int) -> ViT:
-    """A fresh model, or one initialised from a Hugging Face / timm ViT checkpoint."""
-    model = load_model(config, mcfg, seed)
-    return new_model(mcfg, seed) if model is None else model
+    return build_model(config, mcfg, seed=seed)
 
 
 def loss(model: ViT, batch, config) -> tuple[Any, dict[str, Any]]:
