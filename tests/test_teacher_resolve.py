@@ -2,6 +2,7 @@
 (teacher/provenance.py): identity, not paths; a changed image is caught where it is joined."""
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ from lfi_jax.data.pipeline import build_teacher_lookup, make_train_iterator
 from lfi_jax.data.sources import get_source
 from lfi_jax.teacher import export
 from lfi_jax.teacher.export import export_store
-from lfi_jax.teacher.provenance import Provenance, check_compatible, data_identity, image_fingerprint
+from lfi_jax.teacher.provenance import Provenance, check_compatible, data_identity
 from lfi_jax.teacher.resolve import TeacherChoice, resolve_teacher, teacher_key
 from lfi_jax.teacher.store import TeacherStore
 from lfi_jax.teacher.types import Geometry, TeacherEntry
@@ -104,8 +105,14 @@ def test_moved_folder_accepted_changed_image_caught_with_the_right_cause(tmp_pat
     data = _folder(tmp_path / "data")
     src = get_source(f"imagefolder:{data}", "train")
     store = export_store(src, str(tmp_path / "store"), "uniform", shard_size=2, progress=False)
-    for i in range(len(src)):  # fingerprints of the exported images, in the index
-        assert store.image_fingerprint(src.example_id(i)) == image_fingerprint(src[i]["image"])
+    for i in range(len(src)):  # fingerprints of the exported image files, in the index
+        with open(src.path(i), "rb") as f:
+            want = hashlib.blake2b(f.read(), digest_size=8).hexdigest()
+        assert store.image_fingerprint(src.example_id(i)) == want
+    # a generated source records none (its options identify it)
+    digits = get_source("shortcut_digits", "train", {"num_train": 4, "canvas": 24})
+    plain = export_store(digits, str(tmp_path / "digits"), grid=4, progress=False)
+    assert plain.image_fingerprint(digits.example_id(0)) is None
     moved = tmp_path / "moved"
     shutil.move(str(data), str(moved))
     spec = f"imagefolder:{moved}/"  # moved, with a trailing slash

@@ -33,7 +33,7 @@ from absl import flags
 
 from lfi_jax.data.sources import get_source
 from lfi_jax.data.transforms import Augment, transform_example
-from lfi_jax.teacher.provenance import check_compatible, image_fingerprint
+from lfi_jax.teacher.provenance import check_compatible
 from lfi_jax.teacher.store import TeacherStore
 from lfi_jax.teacher.types import TeacherEntry
 
@@ -93,7 +93,8 @@ class TeacherLookup:
         return store[example_id]
 
     def image_fingerprint(self, example_id: str) -> str | None:
-        """The fingerprint of the image the store's map was made from (None if not recorded)."""
+        """The content fingerprint of the image file the store's map was made from (None if
+        not recorded)."""
         get = getattr(self.store, "image_fingerprint", None)
         return get(example_id) if get is not None else None
 
@@ -168,7 +169,7 @@ class _Prepare:
             raise ValueError(f"example {eid!r}: label {label} outside [0, {self.num_classes})")
         entry = self.lookup.get(eid) if self.lookup is not None else None
         if entry is not None:
-            self._check_same_image(eid, image, entry)
+            self._check_same_image(index, eid, image, entry)
         rng = np.random.default_rng([self.seed, int(epoch), int(index)]) if self.augment is not None else None
         out = transform_example(
             image,
@@ -186,13 +187,14 @@ class _Prepare:
         return out
 
 
-    def _check_same_image(self, eid: str, image: np.ndarray, entry: TeacherEntry) -> None:
+    def _check_same_image(self, index: int, eid: str, image: np.ndarray, entry: TeacherEntry) -> None:
         want = self.lookup.image_fingerprint(eid)
+        fingerprint = getattr(self.source, "content_fingerprint", None)
         where = self.lookup.path or getattr(self.lookup.store, "path", "")
-        if want is not None and image_fingerprint(image) != want:
+        if want is not None and fingerprint is not None and fingerprint(index) != want:
             raise ValueError(
-                f"example {eid!r}: the image changed after teacher store {where} was exported (its content "
-                f"fingerprint differs, now {image.shape[0]}x{image.shape[1]}); re-export the store for the current data"
+                f"example {eid!r}: the image changed after teacher store {where} was exported (the file's "
+                f"content differs, now {image.shape[0]}x{image.shape[1]}); re-export the store for the current data"
             )
         if tuple(entry.geometry.image_hw) != tuple(image.shape[:2]):
             raise ValueError(

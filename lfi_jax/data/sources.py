@@ -13,7 +13,9 @@ is a path or a name, and which options change the images: what a teacher store m
 Every source is a grain `RandomAccessDataSource`: `len(src)`, `src[i]` -> a dict with "id"
 (stable example id, the key of the teacher store), "image" (uint8 [H, W, 3]), "label" (int)
 and optionally "mask" (float32 [H, W] in [0, 1]) and "boxes" (float32 [K, 4], (y0, x0, y1, x1)
-in pixels, y1/x1 exclusive); `src.example_id(i)` gives the id without decoding.
+in pixels, y1/x1 exclusive); `src.example_id(i)` gives the id without decoding. Sources read
+from files also give `src.content_fingerprint(i)` (a digest of the image file's bytes), which a
+teacher store records to notice an image changed after its export.
 
 Generic options (any source): `data_ratio` in (0, 1] keeps a deterministic class-stratified
 subset (the same for a given `subset_seed`, default 0; a smaller ratio's subset is contained in
@@ -23,6 +25,7 @@ a larger one's), as in the paper's 1/10/50/100 % training-data experiments.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -63,6 +66,16 @@ def decode_image(path: str) -> np.ndarray:
     except Exception as e:  # PIL raises several types for corrupt/truncated files
         raise ValueError(f"cannot decode image file {path}: {type(e).__name__}: {e}") from e
     return arr
+
+
+def file_fingerprint(path: str) -> str:
+    """A short digest (blake2b, 8 bytes, hex) of a file's bytes: the content of an example's
+    image file as a teacher store records it (independent of the decoder's version)."""
+    h = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _check_index(src, index: int) -> int:
@@ -143,6 +156,9 @@ class ImageFolder:
 
     def path(self, index: int) -> str:
         return os.path.join(self.root, self._ids[_check_index(self, index)])
+
+    def content_fingerprint(self, index: int) -> str:
+        return file_fingerprint(self.path(index))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         i = _check_index(self, index)
@@ -247,6 +263,9 @@ class TinyImageNet:
 
     def labels(self) -> np.ndarray:
         return self._labels.copy()
+
+    def content_fingerprint(self, index: int) -> str:
+        return file_fingerprint(self._files[_check_index(self, index)])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         i = _check_index(self, index)
@@ -379,6 +398,11 @@ class SubsetSource:
     def __getitem__(self, index: int) -> dict[str, Any]:
         return self.base[self._base_index(index)]
 
+    def __getattr__(self, name: str):
+        if name == "content_fingerprint" and hasattr(self.__dict__.get("base"), name):
+            return lambda index: self.base.content_fingerprint(self._base_index(index))
+        raise AttributeError(name)
+
     def __repr__(self) -> str:
         return f"SubsetSource({self.base!r}, n={len(self)}, data_ratio={self.data_ratio})"
 
@@ -487,6 +511,7 @@ __all__ = [
     "TFDSSource",
     "TinyImageNet",
     "decode_image",
+    "file_fingerprint",
     "get_source",
     "parse_spec",
     "source_options",

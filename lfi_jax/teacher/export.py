@@ -13,8 +13,9 @@ flag per option (`--noise_blur` etc. for the oracle's blur/shift/uniform, `--<na
 torch and transformers are imported only when the llava teacher is built.
 
 The manifest records what identifies the data (`data_identity`: kind, name, split, the options
-that change the images; never a path) and the index each example's image fingerprint, so a
-run can check the store fits its data (lfi_jax/teacher/provenance.py).
+that change the images; never a path) and, for sources read from files, the index each image
+file's content fingerprint, so a run can check the store fits its data
+(lfi_jax/teacher/provenance.py).
 
 A re-run skips finished shards; a killed run loses at most the shard in flight. With
 `--shard=i/n` this process exports only shards with index % n == i; whichever process finishes
@@ -37,9 +38,9 @@ from typing import Any
 from lfi_jax.cli import run_cli
 from lfi_jax.data.sources import SOURCE_KINDS, get_source
 from lfi_jax.errors import UserError
-from lfi_jax.teacher import llava_export, oracle
+from lfi_jax.teacher import llava_export, oracle, oracle_dense
 from lfi_jax.teacher.progress import log_line
-from lfi_jax.teacher.provenance import data_identity, image_fingerprint
+from lfi_jax.teacher.provenance import data_identity
 from lfi_jax.teacher.records import describe, diff_keys, read_json
 from lfi_jax.teacher.store import EXPORT, MANIFEST, StoreWriter, TeacherStore, to_json_value
 
@@ -55,6 +56,10 @@ class Backend:
 
 BACKENDS: dict[str, Backend] = {
     "oracle": Backend(oracle.export_backend, oracle.provenance, oracle.OPTIONS, precheck=oracle.provenance),
+    # one map per image from every ground-truth instance (Eq. 12's form), for the dense tasks
+    "oracle_dense": Backend(
+        oracle_dense.export_backend, oracle_dense.provenance, oracle_dense.OPTIONS, precheck=oracle_dense.provenance
+    ),
     "llava": Backend(
         llava_export.export_backend, llava_export.provenance, llava_export.TEACHER_OPTIONS,
         precheck=llava_export.precheck, takes_progress=True,
@@ -88,35 +93,6 @@ def _fmt_time(s: float) -> str:
 
 class ExportInterrupted(KeyboardInterrupt):
     """Ctrl-C during an export; the message says what was saved."""
-
-
-class _Fingerprinting:
-    """The source as a backend sees it, recording the fingerprint of each image it reads."""
-
-    def __init__(self, source):
-        self._source = source
-        self._seen: dict[int, str] = {}
-
-    def __getattr__(self, name: str):
-        if name.startswith("__") or name in ("_source", "_seen"):
-            raise AttributeError(name)
-        return getattr(self._source, name)
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def __getitem__(self, index: int) -> dict:
-        ex = self._source[index]
-        if isinstance(ex, Mapping) and "image" in ex:
-            self._seen[int(index)] = image_fingerprint(ex["image"])
-        return ex
-
-    def fingerprint(self, index: int) -> str | None:
-        fp = self._seen.pop(int(index), None)
-        if fp is None:  # the backend did not read it (a backend that needs no image)
-            ex = self._source[index]
-            fp = image_fingerprint(ex["image"]) if "image" in ex else None
-        return fp
 
 
 def _precheck(out: str, partial: Mapping[str, Any], num_examples: int, shard_size: int) -> None:
@@ -186,11 +162,11 @@ def export_store(
         )
     total = sum(len(writer.shard_range(i)) for i in todo)
     done, t0 = 0, time.perf_counter()
-    seen = _Fingerprinting(source)
+    fingerprint = getattr(source, "content_fingerprint", None)
     try:
         for k, i in enumerate(todo):
             idx = list(writer.shard_range(i))
-            records = list(b.export(seen, idx, {**options, "progress": progress} if b.takes_progress else options))
+            records = list(b.export(source, idx, {**options, "progress": progress} if b.takes_progress else options))
             expected = [source.example_id(j) for j in idx]
             by_id = dict(records)
             if len(by_id) != len(records) or set(by_id) != set(expected):
@@ -200,7 +176,7 @@ def export_store(
                     f"teacher backend {backend!r} returned {len(records)} entries for shard {i} of {out} "
                     f"({len(expected)} examples); missing e.g. {missing}, unexpected e.g. {extra}"
                 )
-            fingerprints = [seen.fingerprint(j) for j in idx]
+            fingerprints = [fingerprint(j) for j in idx] if fingerprint is not None else None
             writer.write_shard(i, [(eid, by_id[eid]) for eid in expected], fingerprints=fingerprints)
             done += len(idx)
             if progress:

@@ -6,31 +6,19 @@ the spec carries one, the split, and the options that change the images or which
 split holds, defaults filled in) and the example ids, never a directory path, so a moved data
 folder or a trailing slash is fine and a store of the shortcut regime is refused by a clean run.
 
-Each example's image fingerprint (`image_fingerprint`, recorded at export) lets the input
-pipeline notice, cheaply, an image that changed after the export.
+For sources read from files, each image file's content fingerprint (`content_fingerprint`,
+recorded at export in the store's index) lets the input pipeline notice, cheaply, an image that
+changed after the export. Generated sources (shortcut digits) are identified by their options.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from lfi_jax.data.sources import SOURCE_KINDS, source_options
 from lfi_jax.teacher.records import describe, diff_keys, to_json_value
-
-
-def image_fingerprint(image: Any) -> str:
-    """A short digest of an image's dtype, shape and pixels (blake2b, 8 bytes, hex)."""
-    a = np.ascontiguousarray(np.asarray(image))
-    h = hashlib.blake2b(digest_size=8)
-    h.update(f"{a.dtype.str}{a.shape}".encode())
-    h.update(a.data)
-    return h.hexdigest()
-
 
 # --------------------------------------------------------------------------- data identity
 
@@ -222,6 +210,5 @@ __all__ = [
     "Provenance",
     "check_compatible",
     "data_identity",
-    "image_fingerprint",
     "store_provenance",
 ]

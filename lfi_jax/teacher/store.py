@@ -157,8 +157,9 @@ class StoreWriter:
 
         Records must be the examples of `shard_range(i)` (same count), with distinct ids, maps
         of one grid shape, finite, non-negative, summing to 1 (all zeros where degenerate).
-        `fingerprints`: each example's `image_fingerprint` (kept in the index, not in the
-        records, so the content hash depends on the maps only).
+        `fingerprints`: each example's image-file fingerprint (`content_fingerprint` of the
+        source; kept in the index, not in the records, so the content hash depends on the maps
+        only).
         """
         self._check_index(i)
         expected = len(self.shard_range(i))
@@ -380,8 +381,8 @@ class TeacherStore:
         return iter(self._ids)
 
     def image_fingerprint(self, example_id: str) -> str | None:
-        """The fingerprint of the image the map of `example_id` was exported from (None for a
-        store written before fingerprints were recorded, or an unknown id)."""
+        """The content fingerprint of the image file the map of `example_id` was exported from
+        (None for a generated source, a store written before fingerprints, or an unknown id)."""
         return self._fingerprints.get(example_id)
 
     @property
