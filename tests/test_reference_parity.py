@@ -19,6 +19,8 @@ from reference_math import alignment_loss_ref, interaction_attention_ref  # noqa
 from transformers import ViTConfig, ViTForImageClassification  # noqa: E402
 
 from lfi_jax import compare  # noqa: E402
+from lfi_jax.cli import run_cli  # noqa: E402
+from lfi_jax.compare.__main__ import SUBCOMMANDS, main  # noqa: E402
 from lfi_jax.models import (  # noqa: E402
     ModelConfig,
     convert,  # noqa: E402
@@ -200,8 +202,6 @@ def test_compare_cli_fails_on_a_perturbed_side(tmp_path):
 
 
 def test_compare_cli_modes_come_from_the_subcommand_table(capsys):
-    from lfi_jax.compare.__main__ import SUBCOMMANDS, main
-
     assert {"vit", "ivit"} <= set(SUBCOMMANDS)
     with pytest.raises(SystemExit) as e:  # argparse's usage error: vit needs --hf
         main(["vit"])
@@ -209,3 +209,8 @@ def test_compare_cli_modes_come_from_the_subcommand_table(capsys):
     with pytest.raises(SystemExit) as e:
         main(["nonesuch"])
     assert e.value.code == 2
+    capsys.readouterr()
+    missing = os.path.join(ROOT, "no-such-checkpoint")
+    assert run_cli(main, ["vit", "--hf", missing], exit=False) == 2  # bad input: one line, exit 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and missing in err[0]
