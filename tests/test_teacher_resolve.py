@@ -173,6 +173,13 @@ def test_resolve_teacher(tmp_path):
     clean.data.options.spurious_p = 0.0
     with pytest.raises(ValueError, match=r"data_options.spurious_p: store has 0.7, expected 0.0"):
         resolve_teacher(clean, workdir=str(tmp_path / "w"))
+    noisy = _config(auto="oracle")
+    noisy.model.interaction_constraint = True
+    noisy.teacher.noise.blur = 1.0
+    assert resolve_teacher(noisy, workdir=str(tmp_path / "n")).built
+    noisy.seed = 3
+    with pytest.raises(ValueError, match=r"noise seed: store has 0, config.seed 3"):
+        resolve_teacher(noisy, workdir=str(tmp_path / "n"))
     # cache_root: one store per teacher_key, recorded beside it; not built when build=False
     shared = resolve_teacher(other, cache_root=str(tmp_path / "cache"), build=False)
     assert not shared.ready and not os.path.exists(shared.store)

@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from lfi_jax.cli import run_cli
+from lfi_jax.cli import add_debug_flag, run_cli
 from lfi_jax.data.sources import SOURCE_KINDS, get_source
 from lfi_jax.errors import UserError
 from lfi_jax.teacher import llava_export, oracle, oracle_dense
@@ -264,6 +264,7 @@ def _base_parser(add_help: bool) -> argparse.ArgumentParser:
     p.add_argument("--shard_size", type=int, default=1024, help="examples per shard (default 1024)")
     p.add_argument("--shard", default="0/1", metavar="I/N", help="export only shards with index %% N == I")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    add_debug_flag(p)
     return p
 
 

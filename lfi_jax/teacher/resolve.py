@@ -119,6 +119,9 @@ def _check_auto_store(path: str, config) -> None:
         diffs.append(f"grid: store has {list(prov.grid)}, config.teacher.grid {list(want_grid)}")
     if prov.noise is not None and prov.noise != want_noise:
         diffs.append(f"noise: store has {prov.noise}, config.teacher.noise {want_noise}")
+    seed = teacher_key(config)["seed"]
+    if any(want_noise.values()) and prov.teacher.get("seed") != seed:
+        diffs.append(f"noise seed: store has {prov.teacher.get('seed')}, config.seed {seed}")
     if diffs:
         raise ValueError(
             f"teacher store {path} (built automatically) does not fit this config: {'; '.join(diffs)}; "
