@@ -67,8 +67,8 @@ def atomic_write_with(path: str | os.PathLike, write_fn: Callable[[str], Any], *
         raise
 
 
-def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
-    """Write `data` (text as UTF-8, or bytes) to `path` atomically."""
+def atomic_write(path: str | os.PathLike, data: str | bytes, *, fsync: bool = False) -> None:
+    """Write `data` (text as UTF-8, or bytes) to `path` atomically (`fsync`: on disk before the rename)."""
 
     def write(tmp: str) -> None:
         if isinstance(data, bytes):
@@ -78,13 +78,14 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
             with open(tmp, "w", encoding="utf-8") as f:
                 f.write(data)
 
-    atomic_write_with(path, write)
+    atomic_write_with(path, write, fsync=fsync)
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any, **json_kwargs: Any) -> None:
+def write_json_atomic(path: str | os.PathLike, obj: Any, *, fsync: bool = False, **json_kwargs: Any) -> None:
     """Write `obj` as JSON (`json.dumps(obj, indent=1, **json_kwargs)`) plus a newline,
-    atomically. The text is built first, so an unserialisable `obj` leaves no file."""
-    atomic_write(path, json.dumps(obj, **{"indent": 1, **json_kwargs}) + "\n")
+    atomically (`fsync`: on disk before the rename). The text is built first, so an
+    unserialisable `obj` leaves no file."""
+    atomic_write(path, json.dumps(obj, **{"indent": 1, **json_kwargs}) + "\n", fsync=fsync)
 
 
 _FENCE = re.compile(r"^\s{0,3}(```|~~~)")

@@ -1,6 +1,6 @@
 """The paper's figures from trained runs.
 
-    python -m lfi_jax.visualize maps --workdir W [--data SPEC] [--split S] [--n 8]
+    python -m lfi_jax.visualize maps --workdir W [--data SPEC] [--split S] [--n 8] [--seed 0 | --start I]
         [--layer -1|mean] [--head mean|H] [--teacher STORE] [--compare [NAME=]W_VIT] --out f.png
     python -m lfi_jax.visualize convergence --runs [NAME=]W1 [NAME=]W2 ... [--metric KEY] --out f.png
     python -m lfi_jax.visualize similarity --workdir W --human STORE [--data ...] [--split S]
@@ -11,7 +11,9 @@ CLS query's attention over the patches (CLS key dropped, renormalised), at one l
 mean over layers) and one head (or the mean over heads). C_vfm and C_agt are computed here
 from the layer's own query / interaction-query / key projections (the model is not changed),
 so C_vfm is the original queries' map even where the model attends with C_f. `--compare`
-adds the C_vfm column of a second run (e.g. the plain ViT).
+adds the C_vfm column of a second run (e.g. the plain ViT). The examples are drawn across the
+classes (round robin over the classes, each class shuffled with `--seed`), or, with `--start I`,
+the n consecutive examples from index I; each row names the true and the predicted class.
 
 convergence (Fig. 3): accuracy against step from each run's metrics.jsonl, and the step at
 which each run first reaches the first run's final accuracy (the "x times faster" number).
@@ -21,83 +23,46 @@ teacher store for the same split (on the embedded benchmark: an oracle store of 
 masks with no noise stands in for human maps), per layer, printed and drawn as bars.
 
 The teacher map of an example (C_vlm) comes from `--teacher STORE` if given; else from the
-run's teacher store where it covers the split; else, for an oracle teacher, it is recomputed
-from the example's mask with the run's teacher settings (grid, noise, seed).
+run's own teacher store (its `teacher.store`, or the store the trainer built in W/teacher/)
+where that store covers the split; else, for an oracle store, it is recomputed from the
+example's mask with the store's settings (grid, geometry, noise, seed). A store of another
+kind (a VLM's) covers only the split it was exported for: `maps` then defaults to that split,
+and for any other split the teacher column says why it is empty. The JSON printed by `maps`
+names the teacher the panels show and how many rows have a teacher map.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
-from lfi_jax.evaluate import Run, eval_data_config, load_run
+from lfi_jax.cli import run_cli
+from lfi_jax.data.sources import get_source
+from lfi_jax.eval.attention import compute_maps, cosine, select
+from lfi_jax.eval.curves import first_step_reaching, load_curve
+from lfi_jax.eval.examples import (
+    TeacherSource,
+    default_split,
+    load_examples,
+    model_class_names,
+    sample_across_classes,
+    source_labels,
+)
+from lfi_jax.eval.figures import color_for, draw_curve, pyplot
+from lfi_jax.eval.predict import eval_data_config
 from lfi_jax.fileio import save_figure, write_json_atomic
+from lfi_jax.metrics import setup_logging
+from lfi_jax.run import load_config, load_run
+from lfi_jax.teacher.store import TeacherStore
 
-
-# --------------------------------------------------------------------------- attention maps
-
-
-def cls_attention_rows(model, images):
-    """CLS-query rows of C_vfm and C_agt for every layer and head.
-
-    Returns (vfm [B, L, H, N], agt [B, L, H, N] or None without interaction queries), float32,
-    over all N keys (CLS first). Computed from each layer's projections of its input, then the
-    layer itself is applied to move on.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    cfg = model.cfg
-    x = model.embeddings(images)
-    scale = 1.0 / math.sqrt(cfg.head_dim)
-    vfm, agt = [], []
-    for layer in model.encoder.layer:
-        h = layer.layernorm_before(x)
-        att = layer.attention
-        b, n, _ = h.shape
-        k = att.key(h).reshape(b, n, cfg.num_heads, cfg.head_dim).astype(jnp.float32)
-
-        def row(proj):
-            q0 = proj(h[:, :1]).reshape(b, cfg.num_heads, cfg.head_dim).astype(jnp.float32)
-            return jax.nn.softmax(jnp.einsum("bhd,bkhd->bhk", q0, k) * scale, axis=-1)
-
-        vfm.append(row(att.query))
-        if cfg.interaction_queries:
-            agt.append(row(att.interaction_query))
-        x, _ = layer(x, False)
-    return jnp.stack(vfm, 1), (jnp.stack(agt, 1) if agt else None)
-
-
-def attention_fn(run: Run):
-    """A jitted (params, images) -> (vfm, agt) for `run`'s model."""
-    import jax
-    from flax import nnx
-
-    def fn(params, images):
-        return cls_attention_rows(nnx.merge(run.graphdef, params), images)
-
-    return jax.jit(fn)
-
-
-def patch_maps(rows: np.ndarray) -> np.ndarray:
-    """[..., N] rows over all keys -> [..., N - 1] over the patches, renormalised to sum 1."""
-    p = np.asarray(rows, np.float64)[..., 1:]
-    return p / np.maximum(p.sum(-1, keepdims=True), 1e-30)
-
-
-def select(maps: np.ndarray, layer: int | str = -1, head: int | str = "mean") -> np.ndarray:
-    """[B, L, H, P] -> [B, P]: one layer (or "mean"), one head (or "mean"); renormalised."""
-    m = np.asarray(maps, np.float64)
-    m = m.mean(1) if layer == "mean" else m[:, int(layer)]
-    m = m.mean(1) if head == "mean" else m[:, int(head)]
-    return m / np.maximum(m.sum(-1, keepdims=True), 1e-30)
+# --------------------------------------------------------------------------- arguments
 
 
 def parse_layer(v: str) -> int | str:
@@ -116,117 +81,10 @@ def parse_named(value: str) -> tuple[str, str]:
     return os.path.basename(os.path.normpath(value)), value
 
 
-# --------------------------------------------------------------------------- examples + teacher
-
-
-class TeacherSource:
-    """Per-example teacher entries for a (data, split): a store, or the oracle recomputed."""
-
-    def __init__(self, run: Run, data_cfg, split: str, store_path: str | None = None):
-        self.store = None
-        self.oracle = None
-        self.describe = "none"
-        path = store_path
-        cfg = run.config
-        if path is None and cfg.teacher.store and os.path.isfile(os.path.join(cfg.teacher.store, "manifest.json")):
-            with open(os.path.join(cfg.teacher.store, "manifest.json")) as f:
-                man = json.load(f)
-            if man.get("split") == split and man.get("data") == data_cfg.source:
-                path = cfg.teacher.store
-            elif man.get("backend") == "oracle":
-                t = man["teacher"]
-                self.oracle = dict(grid=t["grid"], geometry=t["geometry"], target=t["target"], seed=t["seed"], **t["noise"])
-        if path:
-            from lfi_jax.teacher.store import TeacherStore
-
-            self.store = TeacherStore(path)
-            self.describe = f"store {path}"
-        elif self.oracle is None and (cfg.teacher.auto == "oracle" or cfg.model.interaction_constraint):
-            noise = {k: float(cfg.teacher.noise[k]) for k in ("blur", "shift", "uniform")}
-            self.oracle = dict(grid=int(cfg.teacher.grid), seed=int(cfg.seed), **noise)
-        if self.oracle is not None:
-            self.describe = f"oracle recomputed ({self.oracle})"
-
-    def get(self, example: dict):
-        if self.store is not None:
-            return self.store.get(example["id"])
-        if self.oracle is not None and ("mask" in example or "boxes" in example):
-            from lfi_jax.teacher.oracle import oracle_entry
-
-            return oracle_entry(example, self.oracle)
-        return None
-
-
-def load_examples(run: Run, data_cfg, split: str, indices: Sequence[int], teacher: TeacherSource | None,
-                  human=None) -> dict[str, Any]:
-    """Images (raw and model input), labels, and teacher / human maps on the student grid."""
-    from lfi_jax.data.sources import get_source
-    from lfi_jax.data.transforms import transform_example
-
-    source = get_source(data_cfg.source, split, data_cfg.options.to_dict())
-    gh, gw = run.mcfg.grid
-    raw, inputs, labels, ids = [], [], [], []
-    tmaps, tmask, hmaps, hmask = [], [], [], []
-    for i in indices:
-        ex = source[int(i)]
-        kw = dict(image_size=int(data_cfg.image_size), grid_hw=(gh, gw), mean=data_cfg.mean, std=data_cfg.std)
-        entry = teacher.get(ex) if teacher is not None else None
-        t = transform_example(ex["image"], entry, **kw)
-        raw.append(ex["image"])
-        inputs.append(t["image"])
-        labels.append(int(ex["label"]))
-        ids.append(ex["id"])
-        tmaps.append(t["teacher"])
-        tmask.append(float(t["teacher_mask"]))
-        if human is not None:
-            if ex["id"] not in human:
-                raise KeyError(f"human store {human.path} has no map for example {ex['id']!r}")
-            h = transform_example(ex["image"], human[ex["id"]], **kw)
-            hmaps.append(h["teacher"])
-            hmask.append(float(h["teacher_mask"]))
-    out = {
-        "raw": raw,
-        "images": np.stack(inputs).astype(np.float32),
-        "labels": np.asarray(labels),
-        "ids": ids,
-        "teacher": np.stack(tmaps).astype(np.float64),
-        "teacher_mask": np.asarray(tmask),
-        "class_names": list(source.class_names),
-    }
-    if human is not None:
-        out["human"] = np.stack(hmaps).astype(np.float64)
-        out["human_mask"] = np.asarray(hmask)
-    return out
-
-
-def compute_maps(run: Run, images: np.ndarray, batch: int = 64) -> dict[str, np.ndarray]:
-    """{"vfm": [B, L, H, P], "agt": ... or None, "logits": [B, C]} for a stack of model inputs."""
-    import jax
-    from flax import nnx
-
-    fn = attention_fn(run)
-    logits_fn = jax.jit(lambda p, x: nnx.merge(run.graphdef, p)(x)[0])
-    vfm, agt, logits = [], [], []
-    for s in range(0, len(images), batch):
-        x = images[s : s + batch]
-        v, a = jax.device_get(fn(run.params, x))
-        vfm.append(patch_maps(v))
-        if a is not None:
-            agt.append(patch_maps(a))
-        logits.append(np.asarray(jax.device_get(logits_fn(run.params, x))))
-    return {"vfm": np.concatenate(vfm), "agt": np.concatenate(agt) if agt else None, "logits": np.concatenate(logits)}
-
-
 # --------------------------------------------------------------------------- figure helpers
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+MAP_COLORS = {"C_vfm": "tab:blue", "C_vlm": "tab:green", "C_agt": "tab:red", "uniform": "tab:gray"}
 
 
 def _overlay(ax, image: np.ndarray, m: np.ndarray | None, grid: tuple[int, int], title: str | None, note: str = ""):
@@ -237,11 +95,26 @@ def _overlay(ax, image: np.ndarray, m: np.ndarray | None, grid: tuple[int, int],
     if m is not None:
         g = np.asarray(m, np.float64).reshape(grid)
         top = g.max()
-        ax.imshow(g / top if top > 0 else g, extent=(0, w, h, 0), cmap="inferno", alpha=0.75, vmin=0, vmax=1,
-                  interpolation="nearest")
+        ax.imshow(
+            g / top if top > 0 else g,
+            extent=(0, w, h, 0),
+            cmap="inferno",
+            alpha=0.75,
+            vmin=0,
+            vmax=1,
+            interpolation="nearest",
+        )
     else:
-        ax.text(w / 2, h / 2, note or "n/a", ha="center", va="center", color="white", fontsize=8,
-                bbox=dict(facecolor="black", alpha=0.6))
+        ax.text(
+            w / 2,
+            h / 2,
+            note or "n/a",
+            ha="center",
+            va="center",
+            color="white",
+            fontsize=8,
+            bbox=dict(facecolor="black", alpha=0.6),
+        )
     ax.set_xlim(0, w)
     ax.set_ylim(h, 0)
     ax.set_xticks([])
@@ -253,21 +126,40 @@ def _overlay(ax, image: np.ndarray, m: np.ndarray | None, grid: tuple[int, int],
 # --------------------------------------------------------------------------- maps (Fig. 5)
 
 
-def maps_figure(workdir: str, out: str, *, data: str | None = None, split: str | None = None, n: int = 8, start: int = 0,
-                layer: int | str = -1, head: int | str = "mean", teacher: str | None = None, compare: str | None = None,
-                devices=None) -> dict[str, Any]:
-    import jax
-
+def maps_figure(
+    workdir: str,
+    out: str,
+    *,
+    data: str | None = None,
+    split: str | None = None,
+    n: int = 8,
+    start: int | None = None,
+    seed: int = 0,
+    layer: int | str = -1,
+    head: int | str = "mean",
+    teacher: str | None = None,
+    compare: str | None = None,
+    devices=None,
+) -> dict[str, Any]:
+    """Fig. 5 for n examples (drawn across classes with `seed`, or consecutive from `start`)."""
     devices = devices or jax.devices()[:1]
     run = load_run(workdir, devices=devices)
     data_cfg = eval_data_config(run.config, data)
-    split = split or run.config.data.eval_splits[0]
+    split = split or default_split(run, data_cfg)
     tsrc = TeacherSource(run, data_cfg, split, teacher)
-    idx = list(range(start, start + n))
+    source = get_source(data_cfg.source, split, data_cfg.options.to_dict())
+    if start is not None:
+        idx = list(range(start, min(start + n, len(source))))
+    else:
+        idx = sample_across_classes(source_labels(source), len(source), n, seed)
+    if not idx:
+        raise ValueError(f"{data_cfg.source}/{split}: no examples to draw (it has {len(source)}; --start {start})")
+    n = len(idx)
     ex = load_examples(run, data_cfg, split, idx, tsrc)
     maps = compute_maps(run, ex["images"])
     vfm = select(maps["vfm"], layer, head)
     agt = select(maps["agt"], layer, head) if maps["agt"] is not None else None
+    has_teacher = ex["teacher_mask"] > 0
     cols = [("image", None), ("C_vfm", vfm), ("C_vlm (teacher)", ex["teacher"]), ("C_agt", agt)]
     if compare:
         cname, cpath = parse_named(compare)
@@ -277,11 +169,13 @@ def maps_figure(workdir: str, out: str, *, data: str | None = None, split: str |
         cmaps = compute_maps(crun, ex["images"])
         cols.append((f"C_vfm ({cname})", select(cmaps["vfm"], layer, head)))
     pred = maps["logits"].argmax(1)
-    plt = _pyplot()
+    true_names = ex["class_names"]
+    pred_names = model_class_names(run, true_names)
+    no_teacher = "no teacher map" if tsrc.store is not None or tsrc.oracle is not None else "no teacher"
+    plt = pyplot()
     fig, axes = plt.subplots(n, len(cols), figsize=(1.9 * len(cols), 1.9 * n + 0.4), squeeze=False)
     for r in range(n):
         img = ex["raw"][r]
-        name = ex["class_names"]
         for c, (title, m) in enumerate(cols):
             ax = axes[r][c]
             if c == 0:
@@ -290,10 +184,10 @@ def maps_figure(workdir: str, out: str, *, data: str | None = None, split: str |
                 ax.set_yticks([])
                 if r == 0:
                     ax.set_title("image", fontsize=8)
-                ax.set_ylabel(f"true {name[ex['labels'][r]]}\npred {pred[r]}", fontsize=7)
+                ax.set_ylabel(f"true {true_names[ex['labels'][r]]}\npred {pred_names[pred[r]]}", fontsize=7)
                 continue
-            note = "no interaction\nqueries" if title == "C_agt" else "no teacher map"
-            if title.startswith("C_vlm") and ex["teacher_mask"][r] == 0:
+            note = {"C_agt": "no interaction\nqueries", "C_vlm (teacher)": no_teacher}.get(title, "n/a")
+            if title.startswith("C_vlm") and not has_teacher[r]:
                 m = None
             _overlay(ax, img, None if m is None else m[r], run.mcfg.grid, title if r == 0 else None, note)
     lname = layer_name(layer, run.mcfg.depth)
@@ -301,41 +195,37 @@ def maps_figure(workdir: str, out: str, *, data: str | None = None, split: str |
     fig.suptitle(f"CLS attention over patches, {lname}, {hname} ({data_cfg.source}/{split})", fontsize=9)
     fig.tight_layout()
     save_figure(fig, out)
-    return {"out": out, "columns": [c for c, _ in cols], "rows": n, "teacher": tsrc.describe}
+    rows = [
+        {
+            "index": int(i),
+            "id": ex["ids"][r],
+            "true": true_names[ex["labels"][r]],
+            "pred": pred_names[pred[r]],
+            "teacher_map": bool(has_teacher[r]),
+        }
+        for r, i in enumerate(idx)
+    ]
+    return {
+        "out": out,
+        "data": data_cfg.source,
+        "split": split,
+        "columns": [c for c, _ in cols],
+        "rows": n,
+        "teacher": tsrc.describe,
+        "teacher_maps": int(has_teacher.sum()),
+        "examples": rows,
+    }
 
 
 # --------------------------------------------------------------------------- convergence (Fig. 3)
 
 
-def load_curve(workdir: str, metric: str | None = None) -> tuple[str, list[int], list[float]]:
-    from lfi_jax.evaluate import load_config
-    from lfi_jax.metrics import read_metrics
-
-    if metric is None:
-        metric = f"{load_config(workdir).data.eval_splits[0]}/accuracy"
-    rows = [r for r in read_metrics(workdir) if metric in r]
-    if not rows:
-        raise ValueError(f"{workdir}/metrics.jsonl has no {metric!r} values")
-    by_step = {}
-    for r in rows:  # a resumed run may have logged a step twice: keep the last
-        by_step[int(r["step"])] = float(r[metric])
-    steps = sorted(by_step)
-    return metric, steps, [by_step[s] for s in steps]
-
-
-def first_step_reaching(steps: Sequence[int], values: Sequence[float], target: float) -> int | None:
-    for s, v in zip(steps, values):
-        if v >= target - 1e-12:
-            return int(s)
-    return None
-
-
 def convergence_figure(runs: dict[str, str], out: str, *, metric: str | None = None) -> dict[str, Any]:
-    curves = {}
-    for name, wd in runs.items():
-        m, s, v = load_curve(wd, metric)
-        metric = metric or m
-        curves[name] = (s, v)
+    """Fig. 3: each run's `metric` (default: the first run's first eval split's accuracy)
+    against step, and the step at which each run first reaches the first run's final value."""
+    if metric is None:
+        metric = f"{load_config(next(iter(runs.values()))).data.eval_splits[0]}/accuracy"
+    curves = {name: load_curve(wd, metric) for name, wd in runs.items()}
     names = list(curves)
     base = names[0]
     target = curves[base][1][-1]
@@ -351,11 +241,10 @@ def convergence_figure(runs: dict[str, str], out: str, *, metric: str | None = N
             "step_reaching_baseline_final": t,
             "speedup": (t_base / t) if (t and t_base) else None,
         }
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name in names:
-        s, v = curves[name]
-        ax.plot(s, [100 * x for x in v], "-o", ms=3, label=name)
+        draw_curve(ax, *curves[name], scale=100, color=color_for(name), label=name)
     ax.axhline(100 * target, color="gray", lw=0.8, ls=":", label=f"{base} final")
     ax.set_xlabel("step")
     ax.set_ylabel(f"{metric} (%)")
@@ -370,28 +259,26 @@ def convergence_figure(runs: dict[str, str], out: str, *, metric: str | None = N
 # --------------------------------------------------------------------------- similarity (Fig. 6)
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise cosine similarity of [B, P] arrays (0 where a row is all zero)."""
-    a = np.asarray(a, np.float64)
-    b = np.asarray(b, np.float64)
-    num = (a * b).sum(-1)
-    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
-    return np.where(den > 0, num / np.maximum(den, 1e-300), 0.0)
-
-
 def _ms(x: np.ndarray) -> dict[str, float]:
     x = np.asarray(x, np.float64)
     return {"mean": float(x.mean()), "std": float(x.std(ddof=1)) if len(x) > 1 else 0.0, "n": int(len(x))}
 
 
-def similarity(workdir: str, human: str, *, data: str | None = None, split: str | None = None, n: int = 500, start: int = 0,
-               layer: int | str = -1, head: str | int = "mean", teacher: str | None = None, compare: str | None = None,
-               out: str | None = None, devices=None) -> dict[str, Any]:
-    import jax
-
-    from lfi_jax.data.sources import get_source
-    from lfi_jax.teacher.store import TeacherStore
-
+def similarity(
+    workdir: str,
+    human: str,
+    *,
+    data: str | None = None,
+    split: str | None = None,
+    n: int = 500,
+    start: int = 0,
+    layer: int | str = -1,
+    head: str | int = "mean",
+    teacher: str | None = None,
+    compare: str | None = None,
+    out: str | None = None,
+    devices=None,
+) -> dict[str, Any]:
     devices = devices or jax.devices()[:1]
     run = load_run(workdir, devices=devices)
     data_cfg = eval_data_config(run.config, data)
@@ -407,8 +294,16 @@ def similarity(workdir: str, human: str, *, data: str | None = None, split: str 
     hm = ex["human"]
     maps = compute_maps(run, ex["images"])
     L = maps["vfm"].shape[1]
-    res: dict[str, Any] = {"workdir": run.workdir, "human": human, "data": data_cfg.source, "split": split,
-                           "examples": int(keep.sum()), "layer": layer, "head": head, "teacher": tsrc.describe}
+    res: dict[str, Any] = {
+        "workdir": run.workdir,
+        "human": human,
+        "data": data_cfg.source,
+        "split": split,
+        "examples": int(keep.sum()),
+        "layer": layer,
+        "head": head,
+        "teacher": tsrc.describe,
+    }
     bars = {}
     per_layer = {"C_vfm": [], "C_agt": []}
     for l in range(L):
@@ -432,14 +327,25 @@ def similarity(workdir: str, human: str, *, data: str | None = None, split: str 
     res["similarity"] = bars
     res["per_layer"] = {k: v for k, v in per_layer.items() if v}
     if out:
-        plt = _pyplot()
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(1.3 * len(bars) + 2, 3.8))
         names = list(bars)
-        colors = {"C_vfm": "tab:blue", "C_vlm": "tab:green", "C_agt": "tab:red", "uniform": "tab:gray"}
-        ax.bar(range(len(names)), [bars[k]["mean"] for k in names], yerr=[bars[k]["std"] for k in names], capsize=3,
-               color=[colors.get(k, "tab:purple") for k in names])
+        ax.bar(
+            range(len(names)),
+            [bars[k]["mean"] for k in names],
+            yerr=[bars[k]["std"] for k in names],
+            capsize=3,
+            color=[MAP_COLORS.get(k, "tab:purple") for k in names],
+        )
         for i, k in enumerate(names):
-            ax.text(i, bars[k]["mean"] + bars[k]["std"] + 0.01, f"{bars[k]['mean']:.3f}", ha="center", va="bottom", fontsize=8)
+            ax.text(
+                i,
+                bars[k]["mean"] + bars[k]["std"] + 0.01,
+                f"{bars[k]['mean']:.3f}",
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels([k.replace(" (", "\n(") for k in names], fontsize=8)
         ax.set_ylabel("cosine similarity to the human map")
@@ -455,8 +361,11 @@ def similarity(workdir: str, human: str, *, data: str | None = None, split: str 
 
 
 def format_similarity(res: dict[str, Any]) -> str:
-    lines = [f"cosine similarity to human maps ({res['examples']} examples of {res['data']}/{res['split']}; "
-             f"teacher: {res['teacher']})", ""]
+    lines = [
+        f"cosine similarity to human maps ({res['examples']} examples of {res['data']}/{res['split']}; "
+        f"teacher: {res['teacher']})",
+        "",
+    ]
     for k, v in res["similarity"].items():
         lines.append(f"  {k:<28} {v['mean']:.4f} ± {v['std']:.4f}")
     lines += ["", "per layer (head mean):", "  layer " + "".join(f"{k:>14}" for k in res["per_layer"])]
@@ -481,9 +390,7 @@ def _runs_arg(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from lfi_jax.metrics import setup_logging
-
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lfi_jax.visualize", description="Figures 3, 5 and 6 from trained runs.")
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("maps", help="Fig. 5: image, C_vfm, C_vlm, C_agt per example")
@@ -492,13 +399,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         q.add_argument("--workdir", required=True)
         q.add_argument("--data", default=None)
         q.add_argument("--split", default=None)
-        q.add_argument("--start", type=int, default=0, help="first example index")
         q.add_argument("--layer", default="-1", help="layer index or 'mean' (default -1: the last)")
         q.add_argument("--head", default="mean", help="head index or 'mean' (default)")
         q.add_argument("--teacher", default=None, help="teacher store for this split (C_vlm)")
-        q.add_argument("--compare", default=None, metavar="[NAME=]W", help="a second run whose C_vfm is shown too (e.g. ViT=W_VIT)")
+        q.add_argument(
+            "--compare", default=None, metavar="[NAME=]W", help="a second run whose C_vfm is shown too (e.g. ViT=W_VIT)"
+        )
     m.add_argument("--n", type=int, default=8)
+    m.add_argument("--start", type=int, default=None, help="draw the n consecutive examples from this index instead")
+    m.add_argument("--seed", type=int, default=0, help="seed of the examples drawn across classes (default 0)")
     m.add_argument("--out", required=True)
+    s.add_argument("--start", type=int, default=0, help="first example index")
     s.add_argument("--human", required=True, help="teacher-format store of human maps for the split")
     s.add_argument("--n", type=int, default=500)
     s.add_argument("--out", default=None)
@@ -506,30 +417,59 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--runs", nargs="+", required=True, metavar="[NAME=]W")
     c.add_argument("--metric", default=None, help="metrics.jsonl key (default: <first eval split>/accuracy)")
     c.add_argument("--out", required=True)
-    a = p.parse_args(argv)
+    return p
+
+
+def _main(argv: list[str]) -> int:
+    a = build_parser().parse_args(argv)
     setup_logging()
-    try:
-        if a.cmd == "maps":
-            r = maps_figure(a.workdir, a.out, data=a.data, split=a.split, n=a.n, start=a.start, layer=parse_layer(a.layer),
-                            head=parse_layer(a.head), teacher=a.teacher, compare=a.compare)
-            print(json.dumps(r))
-        elif a.cmd == "similarity":
-            r = similarity(a.workdir, a.human, data=a.data, split=a.split, n=a.n, start=a.start, layer=parse_layer(a.layer),
-                           head=parse_layer(a.head), teacher=a.teacher, compare=a.compare, out=a.out)
-            print(format_similarity(r))
-        else:
-            r = convergence_figure(_runs_arg(a.runs), a.out, metric=a.metric)
-            print(f"{r['metric']}: target = {r['baseline']}'s final {100 * r['target']:.2f} %")
-            for name, v in r["runs"].items():
-                t = v["step_reaching_baseline_final"]
-                sp = f"{v['speedup']:.2f}x" if v["speedup"] else "-"
-                print(f"  {name:<16} final {100 * v['final']:.2f} %  best {100 * v['best']:.2f} %  "
-                      f"reaches target at step {t if t is not None else 'never'}  speedup {sp}")
-            print(json.dumps(r))
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"visualize: error: {e}", file=sys.stderr)
-        return 1
+    if a.cmd == "maps":
+        r = maps_figure(
+            a.workdir,
+            a.out,
+            data=a.data,
+            split=a.split,
+            n=a.n,
+            start=a.start,
+            seed=a.seed,
+            layer=parse_layer(a.layer),
+            head=parse_layer(a.head),
+            teacher=a.teacher,
+            compare=a.compare,
+        )
+        print(json.dumps(r))
+    elif a.cmd == "similarity":
+        r = similarity(
+            a.workdir,
+            a.human,
+            data=a.data,
+            split=a.split,
+            n=a.n,
+            start=a.start,
+            layer=parse_layer(a.layer),
+            head=parse_layer(a.head),
+            teacher=a.teacher,
+            compare=a.compare,
+            out=a.out,
+        )
+        print(format_similarity(r))
+    else:
+        r = convergence_figure(_runs_arg(a.runs), a.out, metric=a.metric)
+        print(f"{r['metric']}: target = {r['baseline']}'s final {100 * r['target']:.2f} %")
+        for name, v in r["runs"].items():
+            t = v["step_reaching_baseline_final"]
+            sp = f"{v['speedup']:.2f}x" if v["speedup"] else "-"
+            print(
+                f"  {name:<16} final {100 * v['final']:.2f} %  best {100 * v['best']:.2f} %  "
+                f"reaches target at step {t if t is not None else 'never'}  speedup {sp}"
+            )
+        print(json.dumps(r))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit code (2 with one `error:` line for a user error)."""
+    return run_cli(_main, argv, exit=False)
 
 
 if __name__ == "__main__":

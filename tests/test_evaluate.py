@@ -11,7 +11,11 @@ import pytest
 from PIL import Image
 
 from lfi_jax import evaluate as ev
-from lfi_jax.config import load_config_file
+from lfi_jax.config import load_config_file, set_key
+from lfi_jax.data.lodo import make_lodo_layout
+from lfi_jax.eval import metrics as em
+from lfi_jax.eval import predict as ep
+from lfi_jax.run import load_run
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {
@@ -32,8 +36,6 @@ TINY = {
 
 
 def tiny_config(arg="ivit,runlocal", **extra):
-    from lfi_jax.experiments import set_key
-
     c = load_config_file("demo", arg)
     for k, v in {**TINY, **extra}.items():
         set_key(c, k, v)
@@ -63,7 +65,7 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run8(trained):
-    return ev.load_run(trained[0])
+    return load_run(trained[0])
 
 
 def _env():
@@ -80,7 +82,7 @@ def _env():
 def test_restrict_logits_by_hand():
     logits = np.array([[1.0, 2.0, 0.0, -1.0], [0.0, 0.0, 3.0, 3.0]])
     groups = [[0, 1], [2], [3, 2]]
-    lse = ev.restrict_logits(logits, groups, "logsumexp")
+    lse = em.restrict_logits(logits, groups, "logsumexp")
     want = np.array(
         [
             [math.log(math.e + math.e**2), 0.0, math.log(math.exp(-1) + 1)],
@@ -88,41 +90,41 @@ def test_restrict_logits_by_hand():
         ]
     )
     np.testing.assert_allclose(lse, want, rtol=1e-12)
-    np.testing.assert_allclose(ev.restrict_logits(logits, groups, "max"), [[2.0, 0.0, 0.0], [0.0, 3.0, 3.0]])
+    np.testing.assert_allclose(em.restrict_logits(logits, groups, "max"), [[2.0, 0.0, 0.0], [0.0, 3.0, 3.0]])
     # logsumexp pooling = the probability mass of each group, renormalised over the groups
     p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     mass = np.stack([p[:, [0, 1]].sum(1), p[:, 2], p[:, [2, 3]].sum(1)], 1)
-    np.testing.assert_allclose(ev.softmax(lse), mass / mass.sum(1, keepdims=True), rtol=1e-12)
+    np.testing.assert_allclose(em.softmax(lse), mass / mass.sum(1, keepdims=True), rtol=1e-12)
 
 
 def test_resolve_class_map_names_indices_and_errors():
     src = ["cat", "dog", "tabby", "wolf"]
     cm = {"feline": ["cat", "tabby"], "canine": ["dog", 3], "bird": ["cat"]}
-    assert ev.resolve_class_map(cm, ["canine", "feline"], src, 4) == [[1, 3], [0, 2]]
+    assert em.resolve_class_map(cm, ["canine", "feline"], src, 4) == [[1, 3], [0, 2]]
     with pytest.raises(ValueError, match="horse"):
-        ev.resolve_class_map(cm, ["canine", "horse"], src, 4)
+        em.resolve_class_map(cm, ["canine", "horse"], src, 4)
     with pytest.raises(ValueError, match="lion"):
-        ev.resolve_class_map({"feline": ["lion"]}, ["feline"], src, 4)
+        em.resolve_class_map({"feline": ["lion"]}, ["feline"], src, 4)
     with pytest.raises(ValueError, match="index 7"):
-        ev.resolve_class_map({"feline": [7]}, ["feline"], src, 4)
+        em.resolve_class_map({"feline": [7]}, ["feline"], src, 4)
 
 
 def test_read_class_map(tmp_path):
     p = tmp_path / "m.json"
     p.write_text(json.dumps({"a": ["x", "y"], "b": "z"}))
-    assert ev.read_class_map(str(p)) == {"a": ["x", "y"], "b": ["z"]}
-    assert ev.read_class_map('{"a": [0]}') == {"a": [0]}
+    assert em.read_class_map(str(p)) == {"a": ["x", "y"], "b": ["z"]}
+    assert em.read_class_map('{"a": [0]}') == {"a": [0]}
     with pytest.raises(ValueError, match="non-empty list"):
-        ev.read_class_map('{"a": []}')
+        em.read_class_map('{"a": []}')
     with pytest.raises(FileNotFoundError, match="nope.json"):
-        ev.read_class_map(str(tmp_path / "nope.json"))
+        em.read_class_map(str(tmp_path / "nope.json"))
 
 
 def test_metrics_by_hand():
     # 4 examples, 3 classes
     scores = np.log(np.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.5, 0.4, 0.1], [0.2, 0.2, 0.6]]))
     labels = np.array([0, 1, 1, 1])
-    m = ev.classification_metrics(scores, labels, ["a", "b", "c"], n_bins=10)
+    m = em.classification_metrics(scores, labels, ["a", "b", "c"], n_bins=10)
     assert m["top1"] == 0.5
     assert m["confusion"] == [[1, 0, 0], [1, 1, 1], [0, 0, 0]]
     assert m["per_class"]["b"] == {"count": 3, "accuracy": pytest.approx(1 / 3)}
@@ -153,8 +155,8 @@ def test_evaluate_cli_restores_on_one_device(trained, run8, tmp_path):
     assert "top-1" in r.stdout and "confusion" in r.stdout
     # the same checkpoint restored here on all 8 devices gives the same predictions
     assert run8.mesh.size == 8 and run8.step == 3
-    pred = ev.predict(run8, ev.eval_data_config(run8.config), "test_iid", progress=False)
-    acc = float((pred["logits"].argmax(1) == pred["labels"]).mean())
+    pred = ep.predict(run8, ep.eval_data_config(run8.config), "test_iid", progress=False)
+    acc = float((pred.logits.argmax(1) == pred.labels).mean())
     assert acc == pytest.approx(rec["top1"])
     assert np.asarray(rec["confusion"]).trace() == int(round(acc * 32))
 
@@ -162,7 +164,7 @@ def test_evaluate_cli_restores_on_one_device(trained, run8, tmp_path):
 def test_missing_checkpoint_step_is_named(trained):
     wd, _ = trained
     with pytest.raises(ValueError, match="step 99"):
-        ev.load_run(wd, step=99)
+        load_run(wd, step=99)
 
 
 # --------------------------------------------------------------------------- domains + class map
@@ -198,14 +200,14 @@ def test_domains_table_with_parity_class_map(trained, run8, tmp_path):
     # independent: the model's logits on the same images, parity by probability mass
     run = run8
     for dom, split in (("iid", "test_iid"), ("shifted", "test_shifted")):
-        cfg = ev.eval_data_config(run.config)
+        cfg = ep.eval_data_config(run.config)
         cfg.options.spurious_p = 0.0
-        pred = ev.predict(run, cfg, split, progress=False)
-        p = np.exp(pred["logits"] - pred["logits"].max(1, keepdims=True))
+        pred = ep.predict(run, cfg, split, progress=False)
+        p = np.exp(pred.logits - pred.logits.max(1, keepdims=True))
         odd_mass = p[:, 1::2].sum(1)
         even_mass = p[:, 0::2].sum(1)
         pred_odd = odd_mass > even_mass
-        acc = float((pred_odd == (pred["labels"] % 2 == 1)).mean())
+        acc = float((pred_odd == (pred.labels % 2 == 1)).mean())
         got = res["results"]["ivit"][dom]
         assert got["top1"] == pytest.approx(acc)
         assert got["class_names"] == ["even", "odd"] and got["count"] == 32
@@ -246,13 +248,14 @@ def test_lodo_layout(tmp_path):
     assert len(train) == 8 and len(test) == 4
     assert train.example_id(0) == "dog/art__pic_0.png"
     assert all("sketch__" in test.example_id(i) for i in range(4))
-    assert os.path.realpath(out / "test" / "dog" / "sketch__pic_1.png") == str((root / "sketch" / "dog" / "pic_1.png").resolve())
+    target = (root / "sketch" / "dog" / "pic_1.png").resolve()
+    assert os.path.realpath(out / "test" / "dog" / "sketch__pic_1.png") == str(target)
     # idempotent; a different held-out domain in the same place is refused
-    assert ev.make_lodo_layout(str(root), "sketch", str(out)) == str(out)
+    assert make_lodo_layout(str(root), "sketch", str(out)) == str(out)
     with pytest.raises(ValueError, match="another layout"):
-        ev.make_lodo_layout(str(root), "art", str(out))
+        make_lodo_layout(str(root), "art", str(out))
     with pytest.raises(ValueError, match="cartoon"):
-        ev.make_lodo_layout(str(root), "cartoon", str(tmp_path / "x"))
+        make_lodo_layout(str(root), "cartoon", str(tmp_path / "x"))
 
 
 def test_pacs_vlcs_configs():

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from lfi_jax import experiments as ex
-from lfi_jax.config import load_config_file
+from lfi_jax.cli import run_cli
+from lfi_jax.config import ABLATIONS, load_config_file, set_key
 
 TINY_SETS = [
     "model.depth=2",
@@ -101,20 +102,22 @@ def test_ablation_rows(fake_train, tmp_path):
     for row, cell in zip(rows, payload["cells"]):
         cfg = _cfg(cell)
         m = cfg["model"]
-        iq, ic, gc = ex.ABLATIONS[cell["labels"]["model"]]
+        iq, ic, gc = ABLATIONS[cell["labels"]["model"]]
         assert (m["interaction_queries"], m["interaction_constraint"], m["gated_control"]) == (iq, ic, gc)
         assert (m["depth"], m["hidden_size"]) == (2, 32)  # --set reached every cell
         assert row[4] == _pct(fake_accuracy(cfg)) and row[5] == _pct(fake_accuracy(cfg) / 2)
         if ic:  # the shared oracle store of the train split, built once
             assert os.path.isfile(os.path.join(cfg["teacher"]["store"], "manifest.json"))
-    assert len({_cfg(c)["teacher"]["store"] for c in payload["cells"] if _cfg(c)["model"]["interaction_constraint"]}) == 1
+    ic_cells = [c for c in payload["cells"] if _cfg(c)["model"]["interaction_constraint"]]
+    assert len({_cfg(c)["teacher"]["store"] for c in ic_cells}) == 1
     assert size == (1100, 440)
 
 
 def test_data_ratio_table_pivot_and_resume(fake_train, tmp_path, capsys):
     payload, md, size = _run("data_ratio", tmp_path)
     rows = _table_rows(md)
-    assert [(r[0], r[1]) for r in rows[:8]] == [(m, f"{p} %") for p in ("100", "50", "10", "1") for m in ("ViT", "I-ViT")]
+    want = [(m, f"{p} %") for p in ("100", "50", "10", "1") for m in ("ViT", "I-ViT")]
+    assert [(r[0], r[1]) for r in rows[:8]] == want
     assert md.count("| I-ViT − ViT |") == 2  # one pivot per eval split
     for cell in payload["cells"]:
         assert _cfg(cell)["data"]["data_ratio"] == cell["labels"]["data_ratio"]
@@ -148,7 +151,8 @@ def test_teacher_noise_rows_and_stores(fake_train, tmp_path):
 def test_spurious_p_rows(fake_train, tmp_path):
     payload, md, size = _run("spurious_p", tmp_path)
     rows = _table_rows(md)
-    assert [(r[0], r[1], r[2]) for r in rows] == [(m, reg, p) for reg, p in (("clean", "0.0"), ("shortcut", "0.7"), ("hard", "0.9")) for m in ("ViT", "I-ViT")]
+    regimes = (("clean", "0.0"), ("shortcut", "0.7"), ("hard", "0.9"))
+    assert [(r[0], r[1], r[2]) for r in rows] == [(m, reg, p) for reg, p in regimes for m in ("ViT", "I-ViT")]
     for cell in payload["cells"]:
         assert _cfg(cell)["data"]["options"]["spurious_p"] == cell["labels"]["spurious_p"]
     assert size == (660, 440)
@@ -186,15 +190,17 @@ def test_real_training_end_to_end(tmp_path, capsys):
 
 def test_set_key_and_errors(tmp_path):
     c = load_config_file("demo", "ivit,runlocal")
-    ex.set_key(c, "total_steps", "7")
-    ex.set_key(c, "optim.lr", 1)
-    ex.set_key(c, "data.options.scale_range", "(0.3, 0.5)")
+    set_key(c, "total_steps", "7")
+    set_key(c, "optim.lr", 1)
+    set_key(c, "data.options.scale_range", "(0.3, 0.5)")
     assert c.total_steps == 7 and isinstance(c.optim.lr, float) and c.data.options.scale_range == (0.3, 0.5)
     with pytest.raises(KeyError, match="optim.learning_rate"):
-        ex.set_key(c, "optim.learning_rate", 0.1)
-    assert ex.main(["spurious_p", "--config", "configs/tinyimagenet.py:S/16,runlocal", "--workdir", str(tmp_path)]) == 1
+        set_key(c, "optim.learning_rate", 0.1)
+    # a user error: one `error:` line and exit code 2 (the command-line convention of lfi_jax.cli)
+    argv = ["spurious_p", "--config", "configs/tinyimagenet.py:S/16,runlocal", "--workdir", str(tmp_path)]
+    assert run_cli(ex.main, argv, exit=False) == 2
     with pytest.raises(ValueError, match="seeds experiment needs --config"):
-        ex.run_experiment("seeds", workdir=str(tmp_path), out=str(tmp_path))
+        ex.run_experiment(ex.EXPERIMENTS["seeds"], workdir=str(tmp_path), out=str(tmp_path))
 
 
 def test_budgets():

@@ -84,6 +84,16 @@ def test_write_json_atomic_format(tmp_path, umask_022):
     assert sorted(os.listdir(tmp_path)) == ["e.json"]
 
 
+def test_write_json_atomic_fsyncs_when_asked(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    write_json_atomic(tmp_path / "g.json", {"a": 1})
+    assert synced == []
+    write_json_atomic(tmp_path / "g.json", {"a": 2}, fsync=True, sort_keys=True)
+    assert len(synced) == 1 and json.loads((tmp_path / "g.json").read_text()) == {"a": 2}
+
+
 BEGIN, END = "<!-- begin: gen -->", "<!-- end: gen -->"
 DOC = (
     "# Performance\n\n"

@@ -3,6 +3,8 @@
 import json
 import math
 import os
+import shutil
+import types
 
 import jax
 import jax.numpy as jnp
@@ -10,12 +12,16 @@ import numpy as np
 import pytest
 from flax import nnx
 from PIL import Image
+from test_evaluate import trained_run
 
 from lfi_jax import visualize as vz
 from lfi_jax.config import ABLATIONS
+from lfi_jax.eval import attention as att
+from lfi_jax.eval import examples as exs
+from lfi_jax.eval.predict import eval_data_config
 from lfi_jax.models.vit import ViT, variant
-
-from test_evaluate import trained_run
+from lfi_jax.run import load_config, load_run
+from lfi_jax.teacher.store import TeacherStore
 
 
 def _tiny(row, seed=0):
@@ -32,7 +38,7 @@ def _run_model(graphdef, params, images):
     def fn(params, images):
         model = nnx.merge(graphdef, params)
         _, aux = model(images)
-        vfm, agt = vz.cls_attention_rows(model, images)
+        vfm, agt = att.cls_attention_rows(model, images)
         return aux["cls_attn"], vfm, agt, model.embeddings(images)
 
     return jax.device_get(jax.jit(fn)(params, images))
@@ -73,13 +79,15 @@ def test_attention_rows_match_the_model_and_a_hand_computation():
 
 
 def test_patch_maps_and_select():
-    rows = np.array([[[[0.5, 0.25, 0.25, 0.0, 0.0], [0.2, 0.2, 0.2, 0.2, 0.2]], [[0.0, 1.0, 0.0, 0.0, 0.0], [0.6, 0.0, 0.0, 0.0, 0.4]]]])
-    p = vz.patch_maps(rows)  # [1, 2 layers, 2 heads, 4 patches]
+    layer0 = [[0.5, 0.25, 0.25, 0.0, 0.0], [0.2, 0.2, 0.2, 0.2, 0.2]]
+    layer1 = [[0.0, 1.0, 0.0, 0.0, 0.0], [0.6, 0.0, 0.0, 0.0, 0.4]]
+    rows = np.array([[layer0, layer1]])
+    p = att.patch_maps(rows)  # [1, 2 layers, 2 heads, 4 patches]
     np.testing.assert_allclose(p[0, 0, 0], [0.5, 0.5, 0, 0])
     np.testing.assert_allclose(p[0, 1, 1], [0, 0, 0, 1])
-    np.testing.assert_allclose(vz.select(p, 0, "mean")[0], [0.375, 0.375, 0.125, 0.125])
-    np.testing.assert_allclose(vz.select(p, "mean", 1)[0], [0.125, 0.125, 0.125, 0.625])
-    np.testing.assert_allclose(vz.select(p, -1, 0)[0], [1, 0, 0, 0])
+    np.testing.assert_allclose(att.select(p, 0, "mean")[0], [0.375, 0.375, 0.125, 0.125])
+    np.testing.assert_allclose(att.select(p, "mean", 1)[0], [0.125, 0.125, 0.125, 0.625])
+    np.testing.assert_allclose(att.select(p, -1, 0)[0], [1, 0, 0, 0])
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +97,8 @@ def trained(tmp_path_factory):
 
 def test_maps_figure(trained, tmp_path):
     out = tmp_path / "maps.png"
-    assert vz.main(["maps", "--workdir", trained, "--split", "test_iid", "--n", "3", "--compare", f"ViT={trained}", "--out", str(out)]) == 0
+    argv = ["maps", "--workdir", trained, "--split", "test_iid", "--n", "3", "--compare", f"ViT={trained}"]
+    assert vz.main(argv + ["--out", str(out)]) == 0
     with Image.open(out) as im:
         assert im.size == (int(1.9 * 5 * 110), int((1.9 * 3 + 0.4) * 110))
         a = np.asarray(im.convert("RGB"), np.float32)
@@ -98,14 +107,14 @@ def test_maps_figure(trained, tmp_path):
 
 def test_maps_teacher_is_recomputed_like_the_store(trained):
     # the run's store covers train; for train examples the recomputed oracle equals the store
-    run = vz.load_run(trained, devices=jax.devices()[:1])
-    data_cfg = vz.eval_data_config(run.config)
+    run = load_run(trained, devices=jax.devices()[:1])
+    data_cfg = eval_data_config(run.config)
     from lfi_jax.data.sources import get_source
     from lfi_jax.teacher.store import TeacherStore
 
     store = TeacherStore(os.path.join(trained, "teacher", "train"))
     src = get_source("shortcut_digits", "train", data_cfg.options.to_dict())
-    t = vz.TeacherSource(run, data_cfg, "test_iid")
+    t = exs.TeacherSource(run, data_cfg, "test_iid")
     assert t.oracle is not None
     for i in range(3):
         ex = src[i]
@@ -135,13 +144,13 @@ def test_convergence_speedup_and_png(tmp_path, capsys):
     assert r["runs"]["I-ViT"]["speedup"] == pytest.approx(2.5)
     with Image.open(out) as im:
         assert im.size == (int(6.4 * 110), int(4.2 * 110))
-    r2 = vz.convergence_figure({"a": str(tmp_path / "ivit"), "b": str(tmp_path / "vit")}, str(out), metric="test_shifted/accuracy")
+    runs = {"a": str(tmp_path / "ivit"), "b": str(tmp_path / "vit")}
+    r2 = vz.convergence_figure(runs, str(out), metric="test_shifted/accuracy")
     assert r2["target"] == 0.35 and r2["runs"]["b"]["step_reaching_baseline_final"] is None
 
 
 def test_similarity_against_human_store(trained, tmp_path, capsys):
     from lfi_jax.data.sources import get_source
-    from lfi_jax.evaluate import load_config
     from lfi_jax.teacher.export import export_store
 
     cfg = load_config(trained)
@@ -150,8 +159,8 @@ def test_similarity_against_human_store(trained, tmp_path, capsys):
     store = export_store(src, str(human), backend="oracle", grid=8, progress=False)  # the student grid, exact masks
     out = tmp_path / "sim.png"
     # with the human maps as the teacher, C_vlm matches them exactly
-    assert vz.main(["similarity", "--workdir", trained, "--human", str(human), "--teacher", str(human), "--split", "test_iid",
-                    "--n", "16", "--out", str(out)]) == 0
+    argv = ["similarity", "--workdir", trained, "--human", str(human), "--teacher", str(human), "--split", "test_iid"]
+    assert vz.main(argv + ["--n", "16", "--out", str(out)]) == 0
     assert "C_agt" in capsys.readouterr().out
     res = json.loads((tmp_path / "sim.json").read_text())
     assert res["examples"] == 16
@@ -164,3 +173,107 @@ def test_similarity_against_human_store(trained, tmp_path, capsys):
         assert 0.0 < res["similarity"][k]["mean"] <= 1.0
     with Image.open(out) as im:
         assert im.size == (int((1.3 * 4 + 2) * 110), int(3.8 * 110))
+
+
+# --------------------------------------------------------------------------- own teacher, class names, sampling
+
+
+def _run_with_vlm_store(trained, tmp_path):
+    """A copy of the trained run whose config names a (non-oracle) store covering only its train split."""
+    wd = tmp_path / "run"
+    shutil.copytree(trained, wd, ignore=shutil.ignore_patterns("teacher"))
+    store = tmp_path / "vlm_store"
+    shutil.copytree(os.path.join(trained, "teacher", "train"), store)
+    man = json.loads((store / "manifest.json").read_text())
+    man["backend"] = "llava"
+    man["teacher"] = {"model": "tiny-llava", "grid": man["teacher"]["grid"]}
+    (store / "manifest.json").write_text(json.dumps(man))
+    cfg = json.loads((wd / "config.json").read_text())
+    cfg["teacher"]["store"], cfg["teacher"]["auto"] = str(store), ""
+    (wd / "config.json").write_text(json.dumps(cfg))
+    return str(wd), str(store)
+
+
+def _record_teacher_panels(monkeypatch):
+    """The C_vlm panels drawn: True where a map was drawn, False for an empty panel."""
+    drawn = []
+    overlay = vz._overlay
+
+    def spy(ax, image, m, grid, title, note=""):
+        if note.startswith("no teacher"):
+            drawn.append(m is not None)
+        return overlay(ax, image, m, grid, title, note)
+
+    monkeypatch.setattr(vz, "_overlay", spy)
+    return drawn
+
+
+def test_maps_use_the_runs_own_vlm_store(trained, tmp_path, monkeypatch, capsys):
+    """Issue 16 case 8: without --teacher, a run trained with a VLM store shows that store's maps
+    (on the split it covers), and the JSON says what the panels show."""
+    wd, store_path = _run_with_vlm_store(trained, tmp_path)
+    store = TeacherStore(store_path)
+    drawn = _record_teacher_panels(monkeypatch)
+    assert vz.main(["maps", "--workdir", wd, "--n", "3", "--out", str(tmp_path / "m.png")]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["split"] == "train" and r["teacher"] == f"store {store_path}"
+    assert r["teacher_maps"] == 3 and drawn == [True, True, True]
+    assert all(row["teacher_map"] and row["id"] in store for row in r["examples"])
+    # a split the store does not cover: no maps, and the JSON says so (not "oracle recomputed")
+    drawn.clear()
+    assert vz.main(["maps", "--workdir", wd, "--split", "test_iid", "--n", "2", "--out", str(tmp_path / "m2.png")]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["teacher"].startswith("none: the run's llava store") and "test_iid" in r["teacher"]
+    assert r["teacher_maps"] == 0 and drawn == [False, False]
+
+
+def test_maps_sample_across_classes_and_name_them(trained, tmp_path):
+    """Issue 16 cases 8 and 11: rows drawn across classes (seeded), true and predicted classes by name."""
+    from lfi_jax.data.sources import get_source
+    from lfi_jax.eval.predict import predict
+
+    r = vz.maps_figure(trained, str(tmp_path / "a.png"), split="test_iid", n=4)
+    run = load_run(trained, devices=jax.devices()[:1])
+    cfg = eval_data_config(run.config)
+    src = get_source(cfg.source, "test_iid", cfg.options.to_dict())
+    idx = [row["index"] for row in r["examples"]]
+    labels = [int(src[i]["label"]) for i in idx]
+    assert len(set(labels)) == 4  # four examples, four classes
+    assert [row["true"] for row in r["examples"]] == [src.class_names[c] for c in labels]
+    pred = predict(run, cfg, "test_iid", progress=False).logits[idx].argmax(1)
+    assert [row["pred"] for row in r["examples"]] == [src.class_names[c] for c in pred]
+    same = vz.maps_figure(trained, str(tmp_path / "b.png"), split="test_iid", n=4)["examples"]
+    assert [row["index"] for row in same] == idx
+    again = vz.maps_figure(trained, str(tmp_path / "c.png"), split="test_iid", n=4, seed=1)["examples"]
+    assert [row["index"] for row in again] != idx
+    consecutive = vz.maps_figure(trained, str(tmp_path / "d.png"), split="test_iid", n=2, start=5)["examples"]
+    assert [row["index"] for row in consecutive] == [5, 6]
+
+
+def test_sample_across_classes_by_hand():
+    labels = np.array([0, 0, 1, 0, 2, 1, 0, 1, 0])
+    idx = exs.sample_across_classes(labels, len(labels), 6, seed=3)
+    assert len(set(idx)) == 6
+    assert [int(labels[i]) for i in idx] == [0, 1, 2, 0, 1, 0]  # round robin over the classes
+    assert idx == exs.sample_across_classes(labels, len(labels), 6, seed=3)
+    assert sorted(exs.sample_across_classes(labels, len(labels), 20, seed=0)) == list(range(9))
+    no_labels = exs.sample_across_classes(None, 100, 5, seed=0)
+    assert len(set(no_labels)) == 5 and all(0 <= i < 100 for i in no_labels)
+
+
+def test_model_class_names(tmp_path):
+    import ml_collections
+
+    for c in ("cat", "dog", "owl"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "train" / c / "a.png")
+    data = {"source": f"imagefolder:{tmp_path}", "train_split": "train", "options": {}}
+    config = ml_collections.ConfigDict({"data": data})
+
+    class FakeRun:
+        def __init__(self, num_classes):
+            self.config, self.mcfg = config, types.SimpleNamespace(num_classes=num_classes)
+
+    assert exs.model_class_names(FakeRun(3), ["x", "y"]) == ["cat", "dog", "owl"]
+    assert exs.model_class_names(FakeRun(2), ["x", "y"]) == ["x", "y"]
+    assert exs.model_class_names(FakeRun(4), ["x", "y"]) == ["0", "1", "2", "3"]

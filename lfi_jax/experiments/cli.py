@@ -1,0 +1,122 @@
+"""`python -m lfi_jax.experiments NAME ...`: the command line of the experiment runner."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+
+import jax
+
+from lfi_jax.cli import run_cli
+from lfi_jax.experiments import ablation, data_ratio, seeds, spurious_p, teacher_noise
+from lfi_jax.experiments.base import GridOptions
+from lfi_jax.experiments.cells import DEMO_BUDGETS
+from lfi_jax.experiments.runner import DEFAULT_OUT, DEFAULT_WORKDIR, run_experiment
+from lfi_jax.metrics import setup_logging
+
+# The command line names the experiment: the one place a name selects one.
+EXPERIMENTS = {
+    e.name: e
+    for e in (
+        data_ratio.EXPERIMENT,
+        ablation.EXPERIMENT,
+        teacher_noise.EXPERIMENT,
+        spurious_p.EXPERIMENT,
+        seeds.EXPERIMENT,
+    )
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m lfi_jax.experiments",
+        description="The experiment runner: a grid of training runs, then a Markdown table and a figure.",
+    )
+    p.add_argument("name", choices=sorted(EXPERIMENTS), help="the experiment")
+    p.add_argument("--config", default=None, help="base config FILE[:ARG] (default configs/demo.py, clean regime)")
+    p.add_argument(
+        "--budget", default="full", choices=sorted(DEMO_BUDGETS), help="full (default: the config as written) or small"
+    )
+    p.add_argument("--seeds", type=int, default=1, help="seeds per grid point (0..N-1)")
+    p.add_argument(
+        "--workdir", default=DEFAULT_WORKDIR, help=f"root of the cells' workdirs (default {DEFAULT_WORKDIR})"
+    )
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"where the table, figure and JSON go (default {DEFAULT_OUT})")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override for every cell (repeatable)"
+    )
+    p.add_argument("--ratios", default=None, help="data_ratio only: comma-separated ratios (default 1,0.5,0.1,0.01)")
+    p.add_argument(
+        "--noise",
+        nargs="+",
+        default=None,
+        metavar="KIND=L1[,L2]",
+        help="teacher_noise only: the noise levels (default blur=1,2,4 shift=1,2 uniform=0.5,0.9)",
+    )
+    p.add_argument(
+        "--regimes", default=None, help="spurious_p only: comma-separated regimes (default clean,shortcut,hard)"
+    )
+    return p
+
+
+def parse_sets(items: Sequence[str]) -> dict[str, str]:
+    """--set KEY=VALUE items as {key: value text}."""
+    sets = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        sets[k.strip()] = v
+    return sets
+
+
+def parse_noise(items: Sequence[str] | None) -> tuple[tuple[str, float], ...] | None:
+    if not items:
+        return None
+    noise = []
+    for item in items:
+        kind, sep, levels = item.partition("=")
+        if not sep:
+            raise ValueError(f"--noise {item!r}: expected KIND=L1[,L2]")
+        noise += [(kind, float(v)) for v in levels.split(",") if v]
+    teacher_noise.check_levels(noise)
+    return tuple(noise)
+
+
+def grid_options(args) -> GridOptions:
+    regimes = tuple(args.regimes.split(",")) if args.regimes else None
+    spurious_p.check_regimes(regimes)
+    ratios = tuple(float(r) for r in args.ratios.split(",")) if args.ratios else None
+    return GridOptions(ratios=ratios, noise=parse_noise(args.noise), regimes=regimes)
+
+
+def enable_compilation_cache(workdir: str) -> None:
+    """Cells of one architecture compile the same programs: cache them across cells and runs
+    (WORKDIR/jax_cache). Only for the command line; a library caller keeps its own settings."""
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.abspath(os.path.join(workdir, "jax_cache")))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit code (2 with one `error:` line for a user error)."""
+    return run_cli(_main, argv, exit=False)
+
+
+def _main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    sets = parse_sets(args.set)
+    options = grid_options(args)
+    setup_logging()
+    run_experiment(
+        EXPERIMENTS[args.name],
+        config=args.config,
+        budget=args.budget,
+        seeds=args.seeds,
+        workdir=args.workdir,
+        out=args.out,
+        sets=sets,
+        options=options,
+        command="python -m lfi_jax.experiments " + " ".join(argv),
+    )
+    return 0
