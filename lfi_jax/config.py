@@ -132,7 +132,10 @@ def _coerce(old: Any, value: Any, dotted: str) -> Any:
     if isinstance(old, float) and not isinstance(value, bool):
         if isinstance(value, (int, float)):
             return float(value)
-        raise fail("a number")
+        try:
+            return float(value)  # "inf", "nan"
+        except (TypeError, ValueError):
+            raise fail("a number") from None
     if isinstance(old, tuple) and isinstance(value, list):
         return tuple(value)
     if isinstance(old, tuple) and not isinstance(value, tuple):

@@ -115,6 +115,8 @@ def test_bool_and_number_coercion_errors_name_the_key():
         set_key(c, "batch_size", "1.5")
     with pytest.raises(UserError, match="config key 'optim.lr'"):
         set_key(c, "optim.lr", "fast")
+    set_key(c, "optim.grad_clip_norm", "inf")
+    assert c.optim.grad_clip_norm == float("inf")
     set_key(c, "batch_size", "32.0")
     assert c.batch_size == 32 and isinstance(c.batch_size, int)
 
