@@ -343,3 +343,27 @@ def test_show_samples_across_classes_by_default(tmp_path):
     png = tmp_path / "grid.png"
     assert show.main(["--store", store.path, "--n", "4", "--out", str(png)]) == 0
     assert show.main(["--store", store.path, "--n", "0", "--out", str(png)]) == 2
+
+
+def test_store_written_before_data_identity_still_resumes(tmp_path, monkeypatch):
+    src = FakeSource()
+    out = str(tmp_path / "s")
+    kw = dict(shard_size=5, progress=False, grid=4)
+    export_store(src, out, "oracle", **kw)
+    for name in ("export.json", "manifest.json"):  # as an older version wrote them
+        path = os.path.join(out, name)
+        with open(path) as f:
+            d = json.load(f)
+        (d["manifest"] if name == "export.json" else d).pop("data_identity")
+        with open(path, "w") as f:
+            json.dump(d, f)
+    calls = []
+
+    def counting(source, indices, options):
+        calls.append(list(indices))
+        return oracle.export_backend(source, indices, options)
+
+    _use_backend(monkeypatch, "oracle", counting)
+    store = export_store(src, out, "oracle", **kw)
+    assert calls == [] and len(store) == 12  # nothing re-exported, nothing refused
+    assert store.provenance.data_identity.kind == "fake"  # derived from data/split/data_options

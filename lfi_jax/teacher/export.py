@@ -42,7 +42,7 @@ from lfi_jax.teacher import llava_export, oracle, oracle_dense
 from lfi_jax.teacher.progress import log_line
 from lfi_jax.teacher.provenance import data_identity
 from lfi_jax.teacher.records import describe, diff_keys, read_json
-from lfi_jax.teacher.store import EXPORT, MANIFEST, StoreWriter, TeacherStore, to_json_value
+from lfi_jax.teacher.store import EXPORT, MANIFEST, StoreWriter, TeacherStore, comparable, to_json_value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +107,7 @@ def _precheck(out: str, partial: Mapping[str, Any], num_examples: int, shard_siz
         old = {"num_examples": m.get("num_examples"), "shard_size": m.get("shard_size"), "manifest": m}
     else:
         return
-    diffs = [d for d in diff_keys(old, mine) if d[2] != "<absent>"]
+    diffs = [d for d in diff_keys(comparable(old), comparable(mine)) if d[2] != "<absent>"]
     if diffs:
         raise ValueError(
             f"teacher store {out} was exported with other settings; refusing to mix them "

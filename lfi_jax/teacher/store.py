@@ -49,10 +49,21 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INDEX = "index.json"
 EXPORT = "export.json"
+DERIVED_KEYS = ("data_identity",)  # manifest keys computed from data, split and data_options
 _READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"  # random access
 
 
 # --------------------------------------------------------------------------- writer
+
+
+def comparable(export: Mapping[str, Any]) -> dict[str, Any]:
+    """An export record without the manifest keys derived from others (`DERIVED_KEYS`): what
+    two exports must agree on, and what a shard's fingerprint covers (so a store written before
+    such a key existed still resumes)."""
+    out = dict(export)
+    if isinstance(out.get("manifest"), Mapping):
+        out["manifest"] = {k: v for k, v in out["manifest"].items() if k not in DERIVED_KEYS}
+    return out
 
 
 class StoreWriter:
@@ -88,7 +99,7 @@ class StoreWriter:
             "num_shards": self.num_shards,
             "manifest": self.manifest,
         }
-        self.fingerprint = hashlib.sha256(json.dumps(self.export, sort_keys=True).encode()).hexdigest()
+        self.fingerprint = hashlib.sha256(json.dumps(comparable(self.export), sort_keys=True).encode()).hexdigest()
         os.makedirs(path, exist_ok=True)
         self._check_existing()
 
@@ -96,7 +107,7 @@ class StoreWriter:
         export_file = os.path.join(self.path, EXPORT)
         if os.path.exists(export_file):
             old = read_json(export_file)
-            diffs = diff_keys(old, self.export)
+            diffs = diff_keys(comparable(old), comparable(self.export))
             if diffs:
                 raise ValueError(
                     f"teacher store {self.path} was exported with other settings; refusing to mix them "
@@ -107,6 +118,7 @@ class StoreWriter:
         if os.path.exists(manifest_file):  # a finalized store copied without export.json
             old = read_json(manifest_file)
             mine = {**self.manifest, "num_examples": self.num_examples, "shard_size": self.shard_size}
+            mine = {k: v for k, v in mine.items() if k not in DERIVED_KEYS}
             diffs = diff_keys({k: old.get(k, "<absent>") for k in mine}, mine)
             if diffs:
                 raise ValueError(
