@@ -25,20 +25,19 @@ a larger one's), as in the paper's 1/10/50/100 % training-data experiments.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-from PIL import Image
 
 from lfi_jax.data import coco, shortcut_digits_det
+from lfi_jax.data.files import IMAGE_EXTENSIONS, check_index, decode_image, file_fingerprint, is_image, require_dir
 from lfi_jax.data.shortcut_digits import ShortcutDigits
 from lfi_jax.data.shortcut_digits import image_options as shortcut_digits_image_options
+from lfi_jax.data.tinyimagenet import TinyImageNet
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 GENERIC_OPTIONS = ("data_ratio", "subset_seed")
 
 
@@ -53,45 +52,6 @@ class DataSource(Protocol):
     def __getitem__(self, index: int) -> dict: ...
 
     def example_id(self, index: int) -> str: ...
-
-
-def decode_image(path: str) -> np.ndarray:
-    """The image file at `path` as uint8 [H, W, 3] RGB; an unreadable file names itself."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image file not found: {path}") from None
-    except Exception as e:  # PIL raises several types for corrupt/truncated files
-        raise ValueError(f"cannot decode image file {path}: {type(e).__name__}: {e}") from e
-    return arr
-
-
-def file_fingerprint(path: str) -> str:
-    """A short digest (blake2b, 8 bytes, hex) of a file's bytes: the content of an example's
-    image file as a teacher store records it (independent of the decoder's version)."""
-    h = hashlib.blake2b(digest_size=8)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _check_index(src, index: int) -> int:
-    i = int(index)
-    if not 0 <= i < len(src):
-        raise IndexError(f"{src.name}/{src.split}: index {index} out of range [0, {len(src)})")
-    return i
-
-
-def _require_dir(path: str, what: str) -> None:
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{what}: directory not found: {path}")
-
-
-def _is_image(name: str) -> bool:
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def _no_options(kind: str, options: Mapping[str, Any], known: Sequence[str] = ()) -> None:
@@ -117,7 +77,7 @@ class ImageFolder:
     def __init__(self, path: str, split: str, *, name: str | None = None):
         self.name = name or f"imagefolder:{path}"
         self.split = split
-        _require_dir(path, f"imagefolder data for split {split!r}")
+        require_dir(path, f"imagefolder data for split {split!r}")
         root = os.path.join(path, split)
         train_dir = os.path.join(path, "train")
         if not os.path.isdir(root):
@@ -137,7 +97,7 @@ class ImageFolder:
             if c not in index:
                 raise ValueError(f"imagefolder: class directory {os.path.join(root, c)} is not a class of {class_root}")
             for f in sorted(os.listdir(os.path.join(root, c))):
-                if _is_image(f):
+                if is_image(f):
                     files.append(f"{c}/{f}")
                     labels.append(index[c])
         if not files:
@@ -149,148 +109,20 @@ class ImageFolder:
         return len(self._ids)
 
     def example_id(self, index: int) -> str:
-        return self._ids[_check_index(self, index)]
+        return self._ids[check_index(self, index)]
 
     def labels(self) -> np.ndarray:
         return self._labels.copy()
 
     def path(self, index: int) -> str:
-        return os.path.join(self.root, self._ids[_check_index(self, index)])
+        return os.path.join(self.root, self._ids[check_index(self, index)])
 
     def content_fingerprint(self, index: int) -> str:
         return file_fingerprint(self.path(index))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        i = _check_index(self, index)
+        i = check_index(self, index)
         return {"id": self._ids[i], "image": decode_image(self.path(i)), "label": int(self._labels[i])}
-
-
-# --------------------------------------------------------------------------- tinyimagenet
-
-
-class TinyImageNet:
-    """TinyImageNet-200 in its own layout.
-
-      PATH/wnids.txt                              the 200 wnids (classes: sorted wnids)
-      PATH/words.txt                              wnid <tab> names (class name: the first one)
-      PATH/train/<wnid>/images/<file>.JPEG        train; boxes in train/<wnid>/<wnid>_boxes.txt
-      PATH/val/images/<file>.JPEG                 val; labels + boxes in val/val_annotations.txt
-
-    Splits "train" and "val" ("test" has no labels). Ids: `train/<wnid>/<file>`, `val/<file>`.
-    Boxes: the data set's inclusive pixel corners (x0, y0, x1, y1) become (y0, x0, y1 + 1, x1 + 1).
-    """
-
-    SPLITS = ("train", "val")
-
-    def __init__(self, path: str, split: str, *, name: str | None = None):
-        self.name = name or f"tinyimagenet:{path}"
-        self.split = split
-        if split not in self.SPLITS:
-            raise ValueError(f"tinyimagenet has no labelled split {split!r}; expected one of {list(self.SPLITS)}")
-        _require_dir(path, "tinyimagenet data")
-        wnids_file = os.path.join(path, "wnids.txt")
-        if os.path.isfile(wnids_file):
-            with open(wnids_file) as f:
-                wnids = sorted({line.strip() for line in f if line.strip()})
-        else:
-            _require_dir(os.path.join(path, "train"), "tinyimagenet (no wnids.txt) train")
-            wnids = sorted(d for d in os.listdir(os.path.join(path, "train")) if not d.startswith("."))
-        if not wnids:
-            raise ValueError(f"tinyimagenet: no classes found in {wnids_file}")
-        self.wnids = wnids
-        words = {}
-        words_file = os.path.join(path, "words.txt")
-        if os.path.isfile(words_file):
-            with open(words_file) as f:
-                for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    parts = line.rstrip("\n").split("\t", 1)
-                    if len(parts) != 2:
-                        raise ValueError(f"{words_file}:{n}: expected '<wnid>\\t<names>', got {line.strip()!r}")
-                    words[parts[0]] = parts[1]
-        self.class_descriptions = [words.get(w, w) for w in wnids]
-        self.class_names = [d.split(",")[0].strip() for d in self.class_descriptions]
-        index = {w: i for i, w in enumerate(wnids)}
-        ids, files, labels, boxes = [], [], [], []
-        if split == "train":
-            for w in wnids:
-                d = os.path.join(path, "train", w, "images")
-                _require_dir(d, f"tinyimagenet train class {w}")
-                wboxes = _read_boxes(os.path.join(path, "train", w, f"{w}_boxes.txt"), name_col=0, box_col=1)
-                for f in sorted(os.listdir(d)):
-                    if _is_image(f):
-                        ids.append(f"train/{w}/{f}")
-                        files.append(os.path.join(d, f))
-                        labels.append(index[w])
-                        boxes.append(wboxes.get(f))
-        else:
-            d = os.path.join(path, "val", "images")
-            _require_dir(d, "tinyimagenet val images")
-            ann_file = os.path.join(path, "val", "val_annotations.txt")
-            if not os.path.isfile(ann_file):
-                raise FileNotFoundError(f"tinyimagenet val labels: file not found: {ann_file}")
-            ann_labels = {}
-            with open(ann_file) as f:
-                for n, line in enumerate(f, 1):
-                    parts = line.split()
-                    if not parts:
-                        continue
-                    if len(parts) < 2 or parts[1] not in index:
-                        raise ValueError(f"{ann_file}:{n}: unknown or missing wnid in {line.strip()!r}")
-                    ann_labels[parts[0]] = index[parts[1]]
-            vboxes = _read_boxes(ann_file, name_col=0, box_col=2)
-            for f in sorted(os.listdir(d)):
-                if not _is_image(f):
-                    continue
-                if f not in ann_labels:
-                    raise ValueError(f"tinyimagenet: {os.path.join(d, f)} has no label in {ann_file}")
-                ids.append(f"val/{f}")
-                files.append(os.path.join(d, f))
-                labels.append(ann_labels[f])
-                boxes.append(vboxes.get(f))
-        if not ids:
-            raise ValueError(f"tinyimagenet: no images for split {split!r} under {path}")
-        self._ids, self._files = ids, files
-        self._labels = np.asarray(labels, np.int64)
-        self._boxes = boxes
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    def example_id(self, index: int) -> str:
-        return self._ids[_check_index(self, index)]
-
-    def labels(self) -> np.ndarray:
-        return self._labels.copy()
-
-    def content_fingerprint(self, index: int) -> str:
-        return file_fingerprint(self._files[_check_index(self, index)])
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        i = _check_index(self, index)
-        out = {"id": self._ids[i], "image": decode_image(self._files[i]), "label": int(self._labels[i])}
-        if self._boxes[i] is not None:
-            out["boxes"] = self._boxes[i][None, :].copy()
-        return out
-
-
-def _read_boxes(path: str, *, name_col: int, box_col: int) -> dict[str, np.ndarray]:
-    """file name -> float32 [4] (y0, x0, y1, x1) from a TinyImageNet box file; {} if absent."""
-    if not os.path.isfile(path):
-        return {}
-    out = {}
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            try:
-                x0, y0, x1, y1 = (float(v) for v in parts[box_col : box_col + 4])
-            except ValueError:
-                raise ValueError(f"{path}:{n}: expected 4 box coordinates in {line.strip()!r}") from None
-            out[parts[name_col]] = np.asarray([y0, x0, y1 + 1, x1 + 1], np.float32)
-    return out
 
 
 # --------------------------------------------------------------------------- tfds
@@ -329,10 +161,10 @@ class TFDSSource:
         return len(self._src)
 
     def example_id(self, index: int) -> str:
-        return f"{self._tfds_name}/{self.split}/{_check_index(self, index)}"
+        return f"{self._tfds_name}/{self.split}/{check_index(self, index)}"
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        i = _check_index(self, index)
+        i = check_index(self, index)
         rec = self._src[i]
         img = np.asarray(rec[self._image_key])
         if img.ndim == 2:
@@ -386,7 +218,7 @@ class SubsetSource:
         return len(self.indices)
 
     def _base_index(self, index: int) -> int:
-        return int(self.indices[_check_index(self, index)])
+        return int(self.indices[check_index(self, index)])
 
     def example_id(self, index: int) -> str:
         return self.base.example_id(self._base_index(index))
