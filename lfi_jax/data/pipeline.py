@@ -186,7 +186,6 @@ class _Prepare:
             out["index"] = np.int64(index)
         return out
 
-
     def _check_same_image(self, index: int, eid: str, image: np.ndarray, entry: TeacherEntry) -> None:
         want = self.lookup.image_fingerprint(eid)
         fingerprint = getattr(self.source, "content_fingerprint", None)
