@@ -26,11 +26,11 @@ from ml_collections import ConfigDict
 from lfi_jax.config import base_config
 from lfi_jax.data.pipeline import make_train_iterator
 from lfi_jax.data.sources import get_source
+from lfi_jax.teacher import oracle
+from lfi_jax.teacher.store import StoreWriter
 
 
 def build_store(path: str, options: dict, grid: int) -> str:
-    from lfi_jax.teacher import oracle
-    from lfi_jax.teacher.store import StoreWriter
 
     src = get_source("shortcut_digits", "train", options)
     opts = {"grid": grid}

@@ -7,6 +7,7 @@ offsets), averages heads / span tokens / layers by hand and applies Eq. 11/12 by
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -20,9 +21,15 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from PIL import Image, ImageDraw  # noqa: E402
 
+from lfi_jax.data.sources import get_source  # noqa: E402
+from lfi_jax.data.transforms import render_teacher  # noqa: E402
+from lfi_jax.teacher import export, llava_export, show  # noqa: E402
 from lfi_jax.teacher import llava_conv as conv  # noqa: E402
+from lfi_jax.teacher.export import export_store  # noqa: E402
 from lfi_jax.teacher.llava import LlavaTeacher  # noqa: E402
 from lfi_jax.teacher.llava_export import export_backend  # noqa: E402
+from lfi_jax.teacher.store import TeacherStore  # noqa: E402
+from lfi_jax.teacher.types import Geometry, TeacherEntry  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_llava import build_tiny_llava  # noqa: E402
@@ -331,9 +338,6 @@ def _maps(store):
 
 def test_cli_end_to_end(tiny, teacher, tmp_path):
     """The CLI in a subprocess, over an image folder; the store equals the in-process maps."""
-    from lfi_jax.data.sources import get_source
-    from lfi_jax.teacher.store import TeacherStore
-
     data = _image_folder(tmp_path / "imgs")
     out = tmp_path / "store"
     cmd = [sys.executable, "-m", "lfi_jax.teacher.export", "--teacher=llava", f"--model={tiny}",
@@ -360,15 +364,11 @@ def test_cli_end_to_end(tiny, teacher, tmp_path):
 
     # show draws it (Fig. 5 style), the data source read from the manifest.
     png = tmp_path / "grid.png"
-    from lfi_jax.teacher import show
-
     assert show.main(["--store", str(out), "--n", "4", "--out", str(png), "--pairs"]) == 0
     assert Image.open(png).size[0] > 100
 
 
 def test_cli_unreadable_image(tiny, tmp_path, capsys):
-    from lfi_jax.teacher import export
-
     data = _image_folder(tmp_path / "imgs", sizes=((20, 40),))
     (data / "cat" / "broken.png").write_bytes(b"not an image")
     rc = export.main(["--teacher=llava", f"--model={tiny}", f"--data=imagefolder:{data}",
@@ -379,12 +379,6 @@ def test_cli_unreadable_image(tiny, tmp_path, capsys):
 
 
 def test_shards_resume_and_other_model(tiny, tmp_path, monkeypatch):
-    import dataclasses
-
-    from lfi_jax.data.sources import get_source
-    from lfi_jax.teacher import export, llava_export
-    from lfi_jax.teacher.export import export_store
-
     src = get_source(f"imagefolder:{_image_folder(tmp_path / 'imgs')}", "train")
     opts = dict(model=tiny, device="cpu", batch_size=2)
     full = export_store(src, str(tmp_path / "full"), "llava", shard_size=2, progress=False, **opts)
@@ -422,10 +416,6 @@ def test_shards_resume_and_other_model(tiny, tmp_path, monkeypatch):
 
 def test_dense_export_and_show_oracle(tiny, tmp_path):
     """Dense maps through the export over a source with boxes; show works on an oracle store."""
-    from lfi_jax.data.sources import get_source
-    from lfi_jax.teacher import show
-    from lfi_jax.teacher.export import export_store
-
     src = get_source("shortcut_digits", "train", {"num_train": 4})
     store = export_store(src, str(tmp_path / "dense"), "llava", shard_size=4, progress=False,
                          model=tiny, device="cpu", task="dense", box_width=2, data_options={"num_train": 4})
@@ -446,8 +436,6 @@ def test_pad_to_square_puts_the_borders_of_a_non_square_image_on_the_grid(tmp_pa
     """llava-hf processors resize the short side and centre-crop; LLaVA-1.5 (and SPEC section 3)
     pads to a square. With pad="square" (the default) the model sees the whole image padded with
     the processor's mean colour, and the stored geometry maps grid mass back onto the image."""
-    from lfi_jax.data.transforms import render_teacher
-    from lfi_jax.teacher.types import Geometry, TeacherEntry
 
     ckpt = build_tiny_llava(tmp_path / "crop", do_pad=False)  # a processor that crops
     img = np.full((16, 32, 3), 40, np.uint8)
@@ -498,10 +486,6 @@ def test_processor_without_patch_size_is_a_clear_error(tiny, tmp_path):
 
 
 def test_export_refuses_other_settings_before_loading_the_model(tiny, tmp_path, monkeypatch):
-    from lfi_jax.data.sources import get_source
-    from lfi_jax.teacher import llava_export
-    from lfi_jax.teacher.export import export_store
-
     src = get_source(f"imagefolder:{_image_folder(tmp_path / 'imgs', sizes=((20, 40), (32, 32)))}", "train")
     out = str(tmp_path / "store")
     export_store(src, out, "llava", shard_size=2, progress=False, model=tiny, device="cpu")
@@ -518,8 +502,6 @@ def test_export_refuses_other_settings_before_loading_the_model(tiny, tmp_path, 
 
 
 def test_export_error_line_is_not_glued_to_the_progress_bar(tiny, tmp_path, capsys):
-    from lfi_jax.teacher import export
-
     data = _image_folder(tmp_path / "imgs", sizes=((20, 40), (32, 32)))
     (data / "red_fox" / "zz_broken.png").write_bytes(b"not an image")  # read after a drawn bar
     rc = export.main(["--teacher=llava", f"--model={tiny}", f"--data=imagefolder:{data}",

@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from lfi_jax.teacher import export, oracle
+from lfi_jax.data.sources import get_source
+from lfi_jax.teacher import export, oracle, show
 from lfi_jax.teacher.export import export_store
 from lfi_jax.teacher.oracle import oracle_entry
 from lfi_jax.teacher.store import TeacherStore
@@ -159,7 +160,6 @@ def test_blur_is_a_gaussian_and_uniform_mixes():
 
 class FakeSource:
     """12 examples of varying size; #5 has an empty mask, #7 only boxes."""
-
     name = "fake"
     class_names = ["a", "b"]
 
@@ -285,7 +285,6 @@ def test_cli_end_to_end(tmp_path, capsys):
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["complete"] and summary["count"] == 10 and summary["grid"] == [7, 7]
     assert "shard 3/3" in r.stderr and "ex/s" in r.stderr and "ETA" in r.stderr
-    from lfi_jax.data.sources import get_source
 
     src = get_source("shortcut_digits", "train", {"num_train": 10, "canvas": 24})
     store = TeacherStore(out)
@@ -327,9 +326,6 @@ def test_ctrl_c_ends_with_one_line_of_what_was_saved(tmp_path, monkeypatch, caps
 
 
 def test_show_samples_across_classes_by_default(tmp_path):
-    from lfi_jax.data.sources import get_source
-    from lfi_jax.teacher import show
-
     src = get_source("shortcut_digits", "train", {"num_train": 60, "canvas": 24})
     store = export_store(src, str(tmp_path / "s"), shard_size=64, progress=False, grid=4,
                          data_options={"num_train": 60, "canvas": 24})
