@@ -46,6 +46,7 @@ import time
 import numpy as np
 
 from lfi_jax.fileio import replace_doc_block
+from lfi_jax.teacher.llava import LlavaTeacher, resolve_device_dtype
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
@@ -113,7 +114,6 @@ def build(config: str, workdir: str, device: str, dtype: str):
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from lfi_jax.teacher.llava import resolve_device_dtype
 
     tok = tl.make_tokenizer()
     cfg = tl.llava_config(tok, **tl.LLAVA15_7B)
@@ -218,7 +218,6 @@ def measure_forward(teacher, config: str, variant: str, batch: int = 8) -> dict:
 
 def _child(args) -> int:
     """One forward variant in this fresh process (CPU: RSS is per process)."""
-    from lfi_jax.teacher.llava import LlavaTeacher
 
     teacher = LlavaTeacher(args.model_dir, device=args.device, dtype=args.dtype)
     print(json.dumps(measure_forward(teacher, args.child_config, args.child)))
@@ -262,7 +261,6 @@ def main(argv=None) -> int:
     if args.child:
         return _child(args)
 
-    from lfi_jax.teacher.llava import LlavaTeacher
 
     export_rows, forward_rows = [], []
     with tempfile.TemporaryDirectory() as work:
