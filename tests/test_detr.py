@@ -1,0 +1,278 @@
+"""DETR / I-DETR against transformers' DetrForObjectDetection (same weights), and I-DETR's start.
+
+Tiny random transformers DETRs (a small `ResNetConfig` backbone, no timm) are saved with
+`save_pretrained` and loaded by path, as a user would. Their weights are redrawn at scales
+where every term matters (frozen BatchNorm statistics included), so a wrong layout, a
+missing mask or a swapped LayerNorm shows up far above the 1e-4 tolerance.
+"""
+
+import argparse
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from flax import nnx  # noqa: E402
+
+from lfi_jax.compare import detr as compare_detr_mod  # noqa: E402
+from lfi_jax.compare.detr import forward  # noqa: E402
+from lfi_jax.models.convert.detr import (  # noqa: E402
+    idetr_from_detr,
+    load_hf_detr,
+    normalize_hf_detr_names,
+    save_hf_detr,
+)
+from lfi_jax.models.detr import (  # noqa: E402
+    PRETRAINED_GATE_BIAS,
+    Detr,
+    DetrConfig,
+    count_params,
+    downsample_mask,
+    feature_grid,
+    idetr_config,
+)
+from lfi_jax.models.resnet import ResNetConfig  # noqa: E402
+
+SIZES = ((70, 90), (40, 50))  # two images of different sizes, padded to 70 x 90
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _hf_config(**kw):
+    backbone = transformers.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 2, 1, 1], layer_type="bottleneck",
+        out_features=["stage4"],
+    )
+    base = dict(use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False, d_model=32,
+                encoder_layers=2, decoder_layers=3, encoder_attention_heads=4, decoder_attention_heads=4,
+                encoder_ffn_dim=48, decoder_ffn_dim=40, num_queries=6, num_labels=5)
+    base.update(kw)
+    return transformers.DetrConfig(**base)
+
+
+def _randomize(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if not t.is_floating_point():
+                continue
+            if name.endswith("running_var"):
+                t.copy_(0.5 + torch.rand(t.shape, generator=g))
+            elif "norm" in name and name.endswith("weight") or name.endswith("layer_norm.weight"):
+                t.copy_(1.0 + 0.2 * torch.randn(t.shape, generator=g))
+            elif name.endswith(("bias", "running_mean")):
+                t.copy_(0.2 * torch.randn(t.shape, generator=g))
+            elif "query_position_embeddings" in name:
+                t.copy_(torch.randn(t.shape, generator=g))
+            else:  # conv / linear weights: unit-variance outputs
+                fan_in = math.prod(t.shape[1:])
+                t.copy_(torch.randn(t.shape, generator=g) / math.sqrt(fan_in))
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = transformers.DetrForObjectDetection(_hf_config()).eval()
+    _randomize(model, 0)
+    d = tmp_path_factory.mktemp("detr") / "tiny-detr"
+    model.save_pretrained(d)
+    return str(d)
+
+
+def _inputs(sizes=SIZES, seed=1):
+    pixels, mask = compare_detr_mod.make_inputs(sizes, seed)
+    return pixels, mask, jnp.asarray(pixels.transpose(0, 2, 3, 1)), jnp.asarray(mask.astype(bool))
+
+
+def test_parity_with_transformers_on_a_padded_batch(hf_dir):
+    report = compare_detr_mod.compare_detr(hf_dir, sizes=SIZES, seed=1)
+    assert set(report["max_abs_diff"]) == {"logits", "pred_boxes", "aux_logits", "aux_boxes"}
+    assert report["ok"], report
+    for key, diff in report["max_abs_diff"].items():
+        assert diff < 1e-4, (key, diff)
+    assert report["max_abs"]["logits"] > 1.0  # the weights make the outputs far from trivial
+
+
+def test_the_check_fails_when_a_weight_differs(hf_dir):
+    report = compare_detr_mod.compare_detr(hf_dir, sizes=SIZES, seed=1, perturb=True)
+    assert not report["ok"] and "logits" in report["above_tol"]
+
+
+def test_compare_command_line(hf_dir, capsys):
+    p = argparse.ArgumentParser()
+    compare_detr_mod.add_arguments(p)
+    report = compare_detr_mod.run(p.parse_args(["--hf", hf_dir, "--sizes", "70x90,40x50", "--seed", "2"]))
+    assert report["ok"] and report["sizes"] == [[70, 90], [40, 50]]
+    main = pytest.importorskip("lfi_jax.compare.__main__")
+    if "detr" not in main.SUBCOMMANDS:
+        pytest.skip("compare detr is not registered in lfi_jax.compare yet")
+    assert main.main(["detr", "--hf", hf_dir, "--sizes", "70x90,40x50"]) == 0
+    assert '"mode": "detr"' in capsys.readouterr().out
+
+
+def test_cross_attention_rows_are_transformers_attention_maps(hf_dir):
+    """IQ off + IC on: the rows are C_vfm of every decoder cross-attention (padded keys 0)."""
+    model, cfg = load_hf_detr(hf_dir, interaction_constraint=True)
+    pixels, mask, x, m = _inputs()
+    out = forward(model, x, m)
+    hf = transformers.DetrForObjectDetection.from_pretrained(hf_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        ref = hf(pixel_values=torch.from_numpy(pixels), pixel_mask=torch.from_numpy(mask), output_attentions=True)
+    want = np.stack([a.numpy() for a in ref.cross_attentions], axis=1)  # [B, L, H, Q, Nk]
+    assert out.agt_rows.shape == want.shape == (2, cfg.decoder_layers, 4, cfg.num_queries, 3 * 3)
+    np.testing.assert_allclose(np.asarray(out.agt_rows), want, atol=1e-5, rtol=0)
+    key_mask = np.asarray(out.key_mask)
+    assert key_mask[0].all() and not key_mask[1].all()
+    assert np.all(np.asarray(out.agt_rows)[1][..., ~key_mask[1]] == 0)
+    assert out.query_mask is None
+
+
+def test_save_and_load_round_trip(hf_dir, tmp_path):
+    model, cfg = load_hf_detr(hf_dir)
+    save_hf_detr(model, str(tmp_path / "out"))
+    original = transformers.DetrForObjectDetection.from_pretrained(hf_dir).state_dict()
+    again = transformers.DetrForObjectDetection.from_pretrained(str(tmp_path / "out")).state_dict()
+    assert set(again) == set(original)
+    for k, v in original.items():
+        assert torch.equal(again[k], v), k
+    # An I-DETR with its gates and interaction queries comes back unchanged too.
+    imodel = idetr_from_detr(model, idetr_config(cfg, gate_bias_init=PRETRAINED_GATE_BIAS, gate_hidden=3), seed=1)
+    save_hf_detr(imodel, str(tmp_path / "idetr"))
+    back, bcfg = load_hf_detr(str(tmp_path / "idetr"))
+    assert bcfg == imodel.cfg
+    a = dict(nnx.to_flat_state(nnx.state(imodel, nnx.Param)))
+    b = dict(nnx.to_flat_state(nnx.state(back, nnx.Param)))
+    assert set(a) == set(b) and any("interaction_query" in p for p in a) and any("gate" in p for p in a)
+    for p in a:
+        np.testing.assert_array_equal(np.asarray(a[p].get_value()), np.asarray(b[p].get_value()), err_msg=str(p))
+
+
+def _max_diff(a, b):
+    return max(float(jnp.max(jnp.abs(a.logits - b.logits))), float(jnp.max(jnp.abs(a.pred_boxes - b.pred_boxes))))
+
+
+def _set(model, pred, fn):
+    """Replace the parameters whose path satisfies `pred` by fn(path, value), in place."""
+    _, state = nnx.split(model)
+    flat = nnx.to_flat_state(state)
+    for path, var in flat:
+        if pred(path):
+            var.set_value(fn(path, var.get_value()))
+    nnx.update(model, nnx.from_flat_state(flat))
+
+
+@pytest.mark.parametrize("where", ["decoder_cross", "encoder_self"])
+def test_idetr_from_detr_starts_out_as_the_detr(hf_dir, where):
+    detr, cfg = load_hf_detr(hf_dir)
+    _, _, x, m = _inputs()
+    base = forward(detr, x, m)
+
+    # The pretrained gate [-4, +4] with Wq' = Wq: nearly the DETR (C_agt = C_vfm and
+    # g1 + g2 = 1 up to the gate's small weights) ...
+    model = idetr_from_detr(detr, idetr_config(cfg, interaction_in=where, gate_bias_init=PRETRAINED_GATE_BIAS))
+    out = forward(model, x, m)
+    d_near = _max_diff(out, base)
+    assert d_near < 2e-2
+    rows = np.asarray(out.agt_rows)
+    layers = cfg.decoder_layers if where == "decoder_cross" else cfg.encoder_layers
+    nk = rows.shape[-1]
+    assert rows.shape == (2, layers, 4, cfg.num_queries if where == "decoder_cross" else nk, nk)
+    valid = np.asarray(out.key_mask)
+    assert valid[0].all() and not valid[1].all()
+    np.testing.assert_allclose(rows.sum(-1)[0], 1.0, atol=1e-5)
+    assert np.all(rows[1][..., ~valid[1]] == 0)
+    if where == "encoder_self":
+        np.testing.assert_array_equal(np.asarray(out.query_mask), valid)
+
+    # ... C_agt's gate weight exactly 0 (sigmoid(-1e4) == 0, sigmoid(1e4) == 1): the same model ...
+    _set(model, lambda p: p[-1] == "b2", lambda p, v: jnp.broadcast_to(jnp.asarray([-1e4, 1e4]), v.shape))
+    assert _max_diff(forward(model, x, m), base) < 1e-6
+    # ... and at [-4, +4] much nearer to it than with Wq' != Wq (so the first check can fail).
+    _set(model, lambda p: p[-1] == "b2", lambda p, v: jnp.broadcast_to(jnp.asarray(PRETRAINED_GATE_BIAS), v.shape))
+    assert _max_diff(forward(model, x, m), base) == d_near
+    _set(model, lambda p: "interaction_query" in p and p[-1] == "kernel",
+         lambda p, v: v + 0.5 * jax.random.normal(jax.random.key(0), v.shape))
+    assert _max_diff(forward(model, x, m), base) > 5 * d_near
+
+
+def test_feature_grid_and_mask_downsampling_match_torch():
+    cfg = DetrConfig(backbone=ResNetConfig(embedding_size=4, hidden_sizes=(4, 8, 8, 8), depths=(1, 1, 1, 1)),
+                     hidden_size=8, encoder_layers=1, decoder_layers=1, encoder_heads=2, decoder_heads=2,
+                     encoder_ffn_dim=8, decoder_ffn_dim=8, num_queries=2, num_classes=2)
+    model = Detr(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    for h, w in ((33, 47), (64, 64), (65, 31), (97, 130)):
+        feats = jax.eval_shape(model.backbone, jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32))[-1]
+        assert feature_grid(cfg, h, w) == feats.shape[1:3] == (math.ceil(h / 32), math.ceil(w / 32))
+        mask = rng.random((2, h, w)) < 0.7
+        gh, gw = feature_grid(cfg, h, w)
+        want = torch.nn.functional.interpolate(torch.from_numpy(mask)[None].float(), size=(gh, gw))[0].bool()
+        np.testing.assert_array_equal(np.asarray(downsample_mask(jnp.asarray(mask), (gh, gw))), want.numpy())
+
+
+def test_parameter_counts_of_detr_r50_and_idetr_r50():
+    hf_cfg = transformers.DetrConfig(
+        use_timm_backbone=False, use_pretrained_backbone=False, num_labels=91,
+        backbone_config=transformers.ResNetConfig(out_features=["stage4"]),
+    )
+    with torch.device("meta"):
+        hf = transformers.DetrForObjectDetection(hf_cfg)
+    n_hf = sum(p.numel() for p in hf.parameters())  # frozen BatchNorm tensors are buffers there
+    n_detr = count_params(DetrConfig())
+    n_idetr = count_params(idetr_config(DetrConfig()))
+    assert n_detr == n_hf == 41_524_768  # the paper: 41.5M
+    # + one D x D + bias interaction query and one gate (8 heads, G = 8) per decoder layer
+    assert n_idetr - n_detr == 6 * (256 * 256 + 256) + 6 * 8 * (2 * 8 + 8 + 8 * 2 + 2)  # 41.9M
+
+
+def test_dropout_only_with_an_rng_and_frozen_batchnorm_gets_no_gradient(hf_dir):
+    model, cfg = load_hf_detr(hf_dir, interaction=True)
+    _, _, x, m = _inputs()
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def loss(params, rng):
+        out = nnx.merge(graphdef, params)(x, m, rng=rng)
+        return jnp.sum(out.logits ** 2) + jnp.sum(out.pred_boxes) + jnp.sum(out.aux_logits ** 2)
+
+    f = jax.jit(jax.value_and_grad(loss))
+    a, b = f(params, None)[0], f(params, None)[0]
+    assert a == b
+    c, d = f(params, jax.random.key(0))[0], f(params, jax.random.key(1))[0]
+    assert abs(float(c - a)) > 1e-3 and abs(float(c - d)) > 1e-3
+
+    grads = nnx.to_flat_state(f(params, None)[1])
+    norms = {path: float(jnp.max(jnp.abs(g.get_value()))) for path, g in grads}
+    bn = [v for p, v in norms.items() if "normalization" in p]
+    assert bn and max(bn) == 0.0
+    for part in ("interaction_query", "gate", "class_labels_classifier", "bbox_predictor"):
+        assert max(v for p, v in norms.items() if part in p) > 0.0, part
+
+
+def test_timm_backbone_names_of_the_released_checkpoints():
+    prefix = "model.backbone.conv_encoder.model."
+    names = {
+        "conv1.weight": "embedder.embedder.convolution.weight",
+        "bn1.running_var": "embedder.embedder.normalization.running_var",
+        "layer1.0.conv1.weight": "encoder.stages.0.layers.0.layer.0.convolution.weight",
+        "layer1.0.bn3.bias": "encoder.stages.0.layers.0.layer.2.normalization.bias",
+        "layer2.3.conv2.weight": "encoder.stages.1.layers.3.layer.1.convolution.weight",
+        "layer4.0.downsample.0.weight": "encoder.stages.3.layers.0.shortcut.convolution.weight",
+        "layer4.0.downsample.1.running_mean": "encoder.stages.3.layers.0.shortcut.normalization.running_mean",
+    }
+    sd = {prefix + k: np.zeros(1) for k in names}
+    sd[prefix + "layer1.0.bn1.num_batches_tracked"] = np.zeros(())
+    sd["model.decoder.layers.0.encoder_attn.o_proj.weight"] = np.zeros(1)  # transformers 5's in-memory names
+    sd["model.encoder.layers.1.mlp.fc2.bias"] = np.zeros(1)
+    out = normalize_hf_detr_names(sd)
+    assert set(out) == {prefix + v for v in names.values()} | {
+        "model.decoder.layers.0.encoder_attn.out_proj.weight", "model.encoder.layers.1.fc2.bias"}
