@@ -3,11 +3,12 @@ object is passed around, never the name."""
 
 from __future__ import annotations
 
-from lfi_jax.tasks import Task, classification
+from lfi_jax.tasks import Task, classification, detection
 
 DEFAULT = "classification"
 TASKS: dict[str, Task] = {
     "classification": classification.TASK,
+    "detection": detection.TASK,
 }
 
 
