@@ -35,20 +35,27 @@ TOL = {jnp.float32: 2e-5, jnp.bfloat16: 1.5e-2}
 # ----------------------------------------------------------------------------- reference
 
 
-def _reference(q, q2, k, v, gate):
-    """SPEC section 1 in float64 (call under jax.enable_x64)."""
+def _reference(q, q2, k, v, gate, key_mask=None):
+    """SPEC sections 1 and 7 in float64 (call under jax.enable_x64); key_mask [B, Nk] or None."""
     f64 = jnp.float64
     q, q2, k, v = (x.astype(f64) for x in (q, q2, k, v))
-    n, d = q.shape[1], q.shape[3]
+    d = q.shape[3]
+    valid = jnp.ones(k.shape[:2], bool) if key_mask is None else key_mask
+    n = jnp.sum(valid, axis=1).astype(f64)[:, None, None, None, None]  # valid keys per example
+    vm = valid[:, None, None, :]
+
+    def softmax(x):
+        return jnp.where(vm, jax.nn.softmax(jnp.where(vm, x, -jnp.inf), axis=-1), 0.0)
+
     s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(d)
     s2 = jnp.einsum("bqhd,bkhd->bhqk", q2, k) / math.sqrt(d)
-    c_vfm = jax.nn.softmax(s, axis=-1)
-    c_agt = jax.nn.softmax(s2, axis=-1)
+    c_vfm = softmax(s)
+    c_agt = softmax(s2)
     if gate is None:
         c_f = 0.5 * (c_agt + c_vfm)
     else:
         g = {key: val.astype(f64) for key, val in gate.items()}
-        z = jnp.stack([n * c_agt, n * c_vfm], axis=-1)  # [B, H, q, k, 2]
+        z = jnp.stack([c_agt, c_vfm], axis=-1) * n  # [B, H, q, k, 2]
         if "w1" in g:
             pre = jnp.einsum("bhqkc,hcg->bhqkg", z, g["w1"]) + g["b1"][None, :, None, None, :]
             u = 0.5 * pre * (1.0 + jax.scipy.special.erf(pre / math.sqrt(2.0)))
@@ -76,16 +83,36 @@ def _rel_err(x, ref):
     return float(np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-30))
 
 
-def _check_against_reference(n, d, dtype, kind, **kw):
+def _check_against_reference(n, d, dtype, kind, nk=None, masked=False, **kw):
     args, cts = _inputs(n, d, dtype, kind)
-    run = jax.jit(lambda a, c: _value_and_grads(lambda *x: interaction_attention_pallas(*x, **kw), a, c))
+    mask = None
+    if nk is not None or masked:  # cross-attention: other keys, a padding mask
+        nk = nk or n
+        r = np.random.default_rng(7)
+        k, v = (jnp.asarray(r.normal(size=(B, nk, H, d)), dtype) for _ in range(2))
+        args = (args[0], args[1], k, v, args[4])
+        cts = (cts[0], jnp.asarray(r.normal(size=(B, H, nk)) * nk, jnp.float32))
+        if masked:
+            m = np.ones((B, nk), bool)
+            m[0, nk - nk // 3 :] = False  # padding at the end
+            m[0, [1, 3]] = False  # and two holes
+            mask = jnp.asarray(m)
+    n_keys = args[2].shape[1]
+    run = jax.jit(
+        lambda a, c: _value_and_grads(lambda *x: interaction_attention_pallas(*x, key_mask=mask, **kw), a, c)
+    )
     (o, agt), grads = run(args, cts)
     assert o.dtype == dtype and o.shape == (B, n, H, d)
-    assert agt.dtype == jnp.float32 and agt.shape == (B, H, n)
+    assert agt.dtype == jnp.float32 and agt.shape == (B, H, n_keys)
     with jax.enable_x64(True):
         up = jax.tree.map(lambda x: jnp.asarray(np.asarray(x, np.float64)), (args, cts))
-        (o_r, agt_r), grads_r = jax.jit(lambda a, c: _value_and_grads(_reference, a, c))(*up)
+        ref = jax.jit(lambda a, c: _value_and_grads(lambda *x: _reference(*x, key_mask=mask), a, c))
+        (o_r, agt_r), grads_r = ref(*up)
         o_r, agt_r, grads_r = jax.tree.map(np.asarray, (o_r, agt_r, grads_r))
+    if mask is not None:  # masked keys: no probability mass, no gradient
+        assert float(jnp.max(jnp.where(mask[:, None, :], 0.0, agt))) == 0.0
+        for g in grads[2:4]:
+            assert float(jnp.max(jnp.abs(jnp.where(mask[:, :, None, None], 0.0, g.astype(jnp.float32))))) == 0.0
     tol = TOL[dtype]
     errors = {"o": _rel_err(o, o_r), "agt_cls": _rel_err(agt, agt_r)}
     names = ("dq", "dq2", "dk", "dv")
@@ -126,6 +153,26 @@ CASES = [
 @pytest.mark.parametrize("n, d, dtype, kind, backend, tiles", CASES)
 def test_forward_and_gradients_match_float64_reference(n, d, dtype, kind, backend, tiles):
     _check_against_reference(n, d, dtype, kind, backend=backend, interpret=True, **tiles)
+
+
+CROSS_CASES = [
+    # (Nq, Nk, dtype, gate, backend style, tiles): cross-attention with a key padding mask
+    pytest.param(37, 150, jnp.float32, "hidden", "cpu", {}, id="Nq37-Nk150-f32-hidden"),
+    pytest.param(100, 61, jnp.bfloat16, "linear", "cpu", {}, id="Nq100-Nk61-bf16-linear"),
+    pytest.param(21, 75, jnp.float32, "hidden", "gpu", dict(block_q=16, block_k=32, block_q_bwd=16, block_k_bwd=16),
+                 id="Nq21-Nk75-f32-hidden-gpu_tiles"),
+    pytest.param(21, 200, jnp.float32, "none", "tpu", {}, id="Nq21-Nk200-f32-none-tpu_grid"),
+    pytest.param(130, 130, jnp.float32, "linear", "tpu", {}, id="Nq130-Nk130-f32-linear-tpu_grid"),
+]
+
+
+@pytest.mark.parametrize("nq, nk, dtype, kind, backend, tiles", CROSS_CASES)
+def test_masked_cross_attention_matches_float64_reference(nq, nk, dtype, kind, backend, tiles):
+    _check_against_reference(nq, 32, dtype, kind, nk=nk, masked=True, backend=backend, interpret=True, **tiles)
+
+
+def test_jnp_backward_with_mask_matches_reference():
+    _check_against_reference(21, 32, jnp.float32, "hidden", nk=40, masked=True, backend="cpu", bwd_impl="jnp")
 
 
 def test_jnp_backward_switch_matches_reference():
@@ -214,6 +261,43 @@ def test_kernels_lower_for_accelerators(platform, backend, marker, kind):
         assert text.count(marker) >= calls, (fn.__name__, text.count(marker))
         if platform == "cuda":
             assert "mosaic_gpu" not in text  # the Triton lowering, not Mosaic GPU
+
+
+@pytest.mark.parametrize("platform, backend, marker", [("cuda", "gpu", "triton"), ("tpu", "tpu", "tpu_custom_call")])
+def test_masked_cross_attention_lowers_for_accelerators(platform, backend, marker):
+    """DETR's shape: 100 object queries, 850 image keys with a padding mask, hidden gate."""
+    s = jax.ShapeDtypeStruct
+    q = s((2, 100, 8, 32), jnp.bfloat16)
+    kv = s((2, 850, 8, 32), jnp.bfloat16)
+    f32 = jnp.float32
+    gate = {"w1": s((8, 2, 8), f32), "b1": s((8, 8), f32), "w2": s((8, 8, 2), f32), "b2": s((8, 2), f32)}
+    mask = s((2, 850), jnp.bool_)
+
+    def fwd_bwd(q, q2, k, v, gate, mask):
+        fn = lambda *a: interaction_attention_pallas(*a, key_mask=mask, backend=backend, interpret=False)  # noqa: E731
+        out, pullback = jax.vjp(fn, q, q2, k, v, gate)
+        return pullback(out)
+
+    try:
+        text = jax.jit(fwd_bwd).trace(q, q, kv, kv, gate, mask).lower(lowering_platforms=(platform,)).as_text()
+    except Exception as e:  # pragma: no cover - depends on the jax build
+        if "Unable to find" in str(e):
+            pytest.skip(f"{platform} lowering unavailable in this jax build: {e}")
+        raise
+    assert text.count(marker) >= 3
+
+
+def test_tile_table_and_generations():
+    from lfi_jax.ops.pallas import TILES, generation
+
+    assert generation("gpu", "NVIDIA H100 80GB HBM3") == "hopper" == generation("gpu", "NVIDIA H200")
+    assert generation("gpu", "NVIDIA A100-SXM4-40GB") == "ampere"
+    assert [generation("tpu", k) for k in ("TPU v4", "TPU v5 lite", "TPU v5p")] == ["v4", "v5e", "v5p"]
+    hopper = TILES[("gpu", "hopper")]
+    assert min(hopper.block_q_bwd, hopper.block_k_bwd) >= 64
+    for (backend, _), tiles in TILES.items():
+        for b in tiles.blocks:
+            assert (b & (b - 1) == 0) if backend == "gpu" else b % (128 if backend == "tpu" else 8) == 0
 
 
 def test_bench_rewrites_only_its_block(tmp_path):

@@ -132,11 +132,17 @@ def _logits(spec: GateSpec, za, zv, w: Scalar):
     return t0 + w(5 * g), t1 + w(5 * g + 1)
 
 
-def fuse(spec: GateSpec, a, p, n: int, w: Scalar | None):
+def _nf(n):
+    """The gate's N: a Python number (static) or a [1, 1] array (per example, masked keys)."""
+    return float(n) if isinstance(n, (int, float)) else n
+
+
+def fuse(spec: GateSpec, a, p, n, w: Scalar | None):
     """C_f = g1 * C_agt + g2 * C_vfm for tiles a = C_agt, p = C_vfm (float32)."""
     if spec.kind == "none":
         return 0.5 * (a + p)
-    t0, t1 = _logits(spec, a * float(n), p * float(n), w)
+    nf = _nf(n)
+    t0, t1 = _logits(spec, a * nf, p * nf, w)
     return sigmoid(t0) * a + sigmoid(t1) * p
 
 
@@ -145,18 +151,33 @@ def sum11(x):
     return jnp.sum(jnp.sum(x, axis=1, keepdims=True), axis=0, keepdims=True)
 
 
-def fuse_vjp(spec: GateSpec, a, p, fbar, n: int, w: Scalar | None, param_sums: bool):
+def param_order(spec: GateSpec) -> list[int]:
+    """Packed indices in the order `fuse_vjp` lists its parameter sums."""
+    if spec.kind == "linear":
+        return [0, 1, 2, 3, 4, 5]
+    if spec.kind == "none":
+        return []
+    g = spec.hidden
+    order = []
+    for m in range(g):
+        order += [m, g + m, 2 * g + m, 3 * g + m, 4 * g + m]
+    return order + [5 * g, 5 * g + 1]
+
+
+def fuse_vjp(spec: GateSpec, a, p, fbar, n, w: Scalar | None, param_sums: bool, reduce=sum11):
     """Forward map and its pullback for one tile.
 
     Given F-bar = dL/dC_f (per entry), returns (C_f, A-bar, P-bar, sums) where A-bar, P-bar are
     the total derivatives dL/dC_agt, dL/dC_vfm through both the direct term and the gate,
-    and `sums` (if param_sums) lists (packed index, [1, 1] tile sum) of the gate-parameter
-    gradient contributions of this tile. See `lfi_jax.ops.pallas.attention` for the math.
+    and `sums` (if param_sums) lists (packed index, reduce(tile)) of the gate-parameter
+    gradient contributions of this tile, in `param_order(spec)`: reduce = sum11 gives [1, 1]
+    tile sums, a row reduction [rows, 1] partial sums (reduced over rows later, once).
+    See `lfi_jax.ops.pallas.attention` for the math.
     """
     if spec.kind == "none":
         half = 0.5 * fbar
         return 0.5 * (a + p), half, half, []
-    nf = float(n)
+    nf = _nf(n)
     za, zv = a * nf, p * nf
     t0, t1 = _logits(spec, za, zv, w)
     g1, g2 = sigmoid(t0), sigmoid(t1)
@@ -170,23 +191,20 @@ def fuse_vjp(spec: GateSpec, a, p, fbar, n: int, w: Scalar | None, param_sums: b
         abar = abar + nf * (tb0 * w(0) + tb1 * w(1))
         pbar = pbar + nf * (tb0 * w(2) + tb1 * w(3))
         if param_sums:
-            sums = [
-                (0, sum11(za * tb0)), (1, sum11(za * tb1)),
-                (2, sum11(zv * tb0)), (3, sum11(zv * tb1)),
-                (4, sum11(tb0)), (5, sum11(tb1)),
-            ]
+            vals = [za * tb0, za * tb1, zv * tb0, zv * tb1, tb0, tb1]
+            sums = [(idx, reduce(x)) for idx, x in zip(param_order(spec), vals)]
         return f, abar, pbar, sums
     g = spec.hidden
     for m in range(g):
         u, du = gelu_and_grad(za * w(m) + zv * w(g + m) + w(2 * g + m))
         hb = (tb0 * w(3 * g + m) + tb1 * w(4 * g + m)) * du  # dL/dh_m
-        abar = abar + nf * w(m) * hb
-        pbar = pbar + nf * w(g + m) * hb
+        abar = abar + (nf * w(m)) * hb
+        pbar = pbar + (nf * w(g + m)) * hb
         if param_sums:
             sums += [
-                (m, sum11(za * hb)), (g + m, sum11(zv * hb)), (2 * g + m, sum11(hb)),
-                (3 * g + m, sum11(u * tb0)), (4 * g + m, sum11(u * tb1)),
+                (m, reduce(za * hb)), (g + m, reduce(zv * hb)), (2 * g + m, reduce(hb)),
+                (3 * g + m, reduce(u * tb0)), (4 * g + m, reduce(u * tb1)),
             ]
     if param_sums:
-        sums += [(5 * g, sum11(tb0)), (5 * g + 1, sum11(tb1))]
+        sums += [(5 * g, reduce(tb0)), (5 * g + 1, reduce(tb1))]
     return f, abar, pbar, sums
