@@ -128,3 +128,29 @@ def test_eval_path_scores_ground_truth_one_and_an_untrained_model_low():
     m = TASK.evaluate(config, "val", outs)
     assert set(m) >= {"val/AP", "val/AP50", "val/AP75", "val/APs", "val/APm", "val/APl"}
     assert m["val/AP50"] < 0.2
+
+
+def test_dense_teacher_store_joins_the_train_pipeline(tmp_path):
+    pytest.importorskip("array_record")
+    from lfi_jax.data.sources import get_source
+    from lfi_jax.teacher.export import export_store
+
+    config = _config()
+    mcfg = TASK.model_config(config)
+    src = get_source("shortcut_digits_det", "train", OPTIONS)
+    store = export_store(src, str(tmp_path / "store"), "oracle_dense", data_spec="shortcut_digits_det",
+                         progress=False, grid=8)
+    assert store is not None and len(store) == 6 and store.provenance is not None
+    config.teacher.store = str(tmp_path / "store")
+    batch = next(TASK.train_iterator(config, mcfg, config.teacher, seed=0))
+    assert (batch["teacher_mask"] == 1).all()
+    for t, km in zip(batch["teacher"], batch["key_mask"]):
+        np.testing.assert_allclose(t[km].sum(), 1.0, atol=1e-5)
+        assert (t[~km] == 0).all()
+    # a store of other data is refused, naming both sides
+    other = get_source("shortcut_digits_det", "train", {**OPTIONS, "clutter": True})
+    export_store(other, str(tmp_path / "other"), "oracle_dense", data_spec="shortcut_digits_det",
+                 progress=False, grid=8)
+    config.teacher.store = str(tmp_path / "other")
+    with pytest.raises(ValueError, match="clutter"):
+        TASK.train_iterator(config, mcfg, config.teacher, seed=0)
