@@ -12,12 +12,15 @@ replaced, so hand-written prose and other sections stay byte for byte as they ar
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import tempfile
 from collections.abc import Callable
 from typing import Any
+
+import matplotlib.pyplot as plt
 
 __all__ = ["atomic_write", "atomic_write_with", "write_json_atomic", "save_figure", "replace_doc_block"]
 
@@ -116,10 +119,6 @@ def _headings(lines: list[str]) -> list[tuple[int, int]]:
 
 def save_figure(fig, path: str, dpi: int = 110) -> None:
     """Save a matplotlib figure atomically (format from the extension, default PNG) and close it."""
-    import io
-
-    import matplotlib.pyplot as plt
-
     buf = io.BytesIO()
     try:
         fig.savefig(buf, format=os.path.splitext(path)[1].lstrip(".").lower() or "png", dpi=dpi)

@@ -271,9 +271,14 @@ def test_model_class_names(tmp_path):
     config = ml_collections.ConfigDict({"data": data})
 
     class FakeRun:
-        def __init__(self, num_classes):
-            self.config, self.mcfg = config, types.SimpleNamespace(num_classes=num_classes)
+        def __init__(self, num_classes, workdir):
+            self.config, self.mcfg, self.workdir = config, types.SimpleNamespace(num_classes=num_classes), str(workdir)
 
-    assert exs.model_class_names(FakeRun(3), ["x", "y"]) == ["cat", "dog", "owl"]
-    assert exs.model_class_names(FakeRun(2), ["x", "y"]) == ["x", "y"]
-    assert exs.model_class_names(FakeRun(4), ["x", "y"]) == ["0", "1", "2", "3"]
+    wd = tmp_path / "run"
+    wd.mkdir()
+    assert exs.model_class_names(FakeRun(3, wd), ["x", "y"]) == ["cat", "dog", "owl"]
+    assert exs.model_class_names(FakeRun(2, wd), ["x", "y"]) == ["x", "y"]
+    assert exs.model_class_names(FakeRun(4, wd), ["x", "y"]) == ["0", "1", "2", "3"]
+    # the names the trainer recorded at start come first (the training data may be gone since)
+    (wd / "run_info.json").write_text(json.dumps({"data": {"class_names": ["ant", "bee", "cow"]}}))
+    assert exs.model_class_names(FakeRun(3, wd), ["x", "y"]) == ["ant", "bee", "cow"]

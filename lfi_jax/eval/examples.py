@@ -3,6 +3,8 @@ oracle recomputed, or none, and why), examples drawn across classes, the model's
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,6 +13,7 @@ import numpy as np
 from lfi_jax.data.sources import get_source
 from lfi_jax.data.transforms import transform_example
 from lfi_jax.eval.predict import train_class_names
+from lfi_jax.run import RUN_INFO_FILE
 from lfi_jax.teacher.oracle import oracle_entry
 from lfi_jax.teacher.provenance import check_compatible
 from lfi_jax.teacher.resolve import resolve_teacher
@@ -118,11 +121,23 @@ def sample_across_classes(labels: np.ndarray | None, size: int, n: int, seed: in
     return out
 
 
+def _recorded_class_names(workdir: str) -> list[str] | None:
+    """The training classes the trainer recorded at start (WORKDIR/run_info.json), if any."""
+    path = os.path.join(workdir, RUN_INFO_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        names = (json.load(f).get("data") or {}).get("class_names")
+    return list(names) if names else None
+
+
 def model_class_names(run, data_names: Sequence[str]) -> list[str]:
-    """Names of the model's output classes: the training source's, else the data's where the
-    counts agree, else the indices."""
+    """Names of the model's output classes: as the trainer recorded them, else the training
+    source's, else the data's where the counts agree, else the indices."""
     c = int(run.mcfg.num_classes)
-    names = train_class_names(run.config)
+    names = _recorded_class_names(run.workdir)
+    if names is None or len(names) != c:
+        names = train_class_names(run.config)
     if names is not None and len(names) == c:
         return list(names)
     if len(data_names) == c:
