@@ -309,10 +309,17 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def task_name(config) -> str:
+    """`config.task`, "classification" where the key is absent (configs written before it)."""
+    return str(config.get("task", "classification") or "classification")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks made once at start; each error names the config key."""
+    """Checks made once at start; each error names the config key.
+
+    The ViT checks (`model_config`, model vs data image size, `teacher.auto`) apply to the
+    classification task; another task's model config is checked by its `Task.model_config`.
+    """
     for key in ("total_steps", "batch_size", "eval_batch_size"):
         if int(config[key]) <= 0:
             raise UserError(f"config.{key}={config[key]} must be > 0")
@@ -328,19 +335,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     if config.optim.schedule not in ("cosine", "constant"):
         raise UserError(f"config.optim.schedule={config.optim.schedule!r}; expected cosine or constant")
-    mcfg = model_config(config)
-    if mcfg.image_size != config.data.image_size:
-        raise UserError(
-            f"config.model.image_size={mcfg.image_size} differs from config.data.image_size={config.data.image_size}"
-        )
     if len(config.mesh.axes) != len(config.mesh.shape):
         raise UserError(
             f"config.mesh.axes {config.mesh.axes} and config.mesh.shape {config.mesh.shape} differ in length"
         )
-    if mcfg.interaction_constraint and not (config.teacher.store or config.teacher.auto):
+    if config.model.get("interaction_constraint", False) and not (config.teacher.store or config.teacher.auto):
         raise UserError(
             "config.model.interaction_constraint is on but no teacher is configured: "
             "set config.teacher.store (or config.teacher.auto='oracle')"
+        )
+    if task_name(config) != "classification":
+        return
+    mcfg = model_config(config)
+    if mcfg.image_size != config.data.image_size:
+        raise UserError(
+            f"config.model.image_size={mcfg.image_size} differs from config.data.image_size={config.data.image_size}"
         )
     if config.teacher.auto not in ("", "oracle"):
         raise UserError(f"config.teacher.auto={config.teacher.auto!r}; expected '' or 'oracle'")
@@ -431,5 +440,6 @@ __all__ = [
     "set_key",
     "set_paper_init",
     "split_config_spec",
+    "task_name",
     "validate",
 ]

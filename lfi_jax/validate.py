@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from lfi_jax.config import task_name
 from lfi_jax.config import validate as validate_config
 from lfi_jax.data.sources import get_source
 from lfi_jax.errors import UserError
@@ -240,8 +241,7 @@ def validate_for_training(
     except (ValueError, KeyError) as e:
         raise UserError(_one_line(e)) from e
     n = check_batch_sizes(config, mesh)
-    task = str(config.get("task", "classification") or "classification")
-    if task == "classification":
+    if task_name(config) == "classification":
         classes = check_num_classes(config, source)
     else:  # the task's own label checks are its business
         classes = tuple(getattr(source, "class_names", None) or ())

@@ -4,12 +4,13 @@ naming the config key and both sides."""
 import os
 from types import SimpleNamespace
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
 from lfi_jax import sharding as shd
-from lfi_jax.config import load_config_file
+from lfi_jax.config import load_config_file, validate
 from lfi_jax.data.sources import get_source
 from lfi_jax.errors import UserError
 from lfi_jax.teacher.export import export_store
@@ -207,3 +208,24 @@ def test_paper_configs_on_ten_class_data_are_refused(tmp_path, name, arg, head):
     msg = _fails(c, mesh_of((1, 1)), _train_source(c))
     want = f"config.model.num_classes={head} but the data (imagefolder:{path} split train) has 10 classes"
     assert msg.startswith(want)
+
+
+def test_other_tasks_skip_the_vit_checks(tmp_path):
+    path = make_folder(tmp_path / "shapes")
+    c = folder_config(path)
+    c.task = "detection"  # its model config is the task's business (no ViT fields, no data.image_size check)
+    c.model = ml_collections.ConfigDict(dict(backbone="resnet50", num_queries=10, interaction_constraint=False))
+    c.teacher.auto = "oracle_dense"
+    validate(c)
+    opened = []
+
+    def open_split(spec, split, options):  # the task's own source, e.g. `task.source(config, split)`
+        opened.append(split)
+        return get_source(spec, split, options)
+
+    report = validate_for_training(c, mesh_of((1, 1)), _train_source(c), None, open_source=open_split)
+    assert opened == ["val"] and report.classes == CLASSES
+    c.model.interaction_constraint = True
+    c.teacher.auto = ""
+    with pytest.raises(UserError, match="interaction_constraint is on but no teacher is configured"):
+        validate(c)
