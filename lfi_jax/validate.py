@@ -233,6 +233,8 @@ def validate_for_training(
 
     teacher=False skips the store check (and reports no store): for a caller that validates
     before it builds an automatic teacher store, then calls `check_teacher` on the result.
+    open_source(spec, split, options) opens an evaluation split (default `get_source`); a task
+    with sources of its own passes e.g. `lambda spec, split, options: task.source(config, split)`.
     """
     try:
         validate_config(config)
