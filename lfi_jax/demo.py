@@ -5,7 +5,8 @@
 
 A preset of the experiment runner (lfi_jax.experiments): one cell per model and seed on
 `configs/demo.py` (seed s also draws the data with seed s), trained in WORKDIR/<model>_<regime>_seed<s>
-with the oracle teacher store built once per seed and shared by the models (WORKDIR/teachers).
+with the oracle teacher store built once per seed and shared by the models
+(WORKDIR/teacher_<regime>_seed<s>).
 Then prints a table of test_iid / test_shifted top-1 per model and the step at which each
 model first reached the ViT's final test_iid accuracy (same seed), and writes
 WORKDIR/results.json and WORKDIR/convergence.png. Finished runs are not redone: re-running
@@ -53,6 +54,11 @@ def demo_experiment(models: Sequence[str], regime: str) -> Experiment:
 
 def run_dirname(cell: Cell, config) -> str:
     return f"{cell.labels['model']}_{cell.labels['regime']}_seed{cell.seed}"
+
+
+def teacher_dirname(cell: Cell) -> str:
+    """One oracle store per regime and seed (the data follows the seed), shared by the models."""
+    return f"teacher_{cell.labels['regime']}_seed{cell.seed}"
 
 
 def steps_to_target(summary: Sequence[Group]) -> dict[str, list[int | None]]:
@@ -160,7 +166,7 @@ def run_demo(
     _, _, _, cells, configs = prepare(exp, config=None, budget="full", seeds=seeds, sets=dict(sets or {}))
     os.makedirs(workdir, exist_ok=True)
     t0 = time.time()
-    results: list[CellResult] = run_cells(cells, configs, workdir, dirname=run_dirname)
+    results: list[CellResult] = run_cells(cells, configs, workdir, dirname=run_dirname, teacher_dir=teacher_dirname)
     keys = [f"{s}/accuracy" for s in SPLITS]
     groups = summarise(results, keys)
     summary = summarise_models(groups)

@@ -195,6 +195,9 @@ def maps_figure(
     fig.suptitle(f"CLS attention over patches, {lname}, {hname} ({data_cfg.source}/{split})", fontsize=9)
     fig.tight_layout()
     save_figure(fig, out)
+    teacher_text = tsrc.describe
+    if not has_teacher.any() and not teacher_text.startswith("none"):
+        teacher_text = f"none: no teacher map for these examples ({teacher_text})"
     rows = [
         {
             "index": int(i),
@@ -211,7 +214,7 @@ def maps_figure(
         "split": split,
         "columns": [c for c, _ in cols],
         "rows": n,
-        "teacher": tsrc.describe,
+        "teacher": teacher_text,
         "teacher_maps": int(has_teacher.sum()),
         "examples": rows,
     }

@@ -11,7 +11,7 @@ from typing import Any
 
 from lfi_jax.config import ABLATIONS, CONFIG_DIR, load_config_file, set_ablation, set_key
 from lfi_jax.experiments.base import Cell
-from lfi_jax.teacher.resolve import resolve_teacher
+from lfi_jax.teacher.resolve import build_auto_teacher, resolve_teacher, teacher_key
 
 DEMO_CONFIG = os.path.join(CONFIG_DIR, "demo.py")
 
@@ -129,11 +129,17 @@ def cell_dirname(config) -> str:
     return f"{config_label(config)}-{config_hash(config)}"
 
 
-def ensure_teacher(config, root: str, log: Callable[[str], None]) -> None:
-    """Points an oracle-teacher cell with IC on at its store, shared by every cell with the same
-    data, grid and noise: ROOT/teachers/<hash> (`lfi_jax.teacher.resolve`), built on first use."""
+def ensure_teacher(config, root: str, log: Callable[[str], None], store_dir: str | None = None) -> None:
+    """Points an automatic-teacher cell with IC on at its store, built on first use: by default
+    ROOT/teachers/<hash of the data, grid and noise>, shared by every cell with the same ones
+    (`lfi_jax.teacher.resolve`); or `store_dir` where the caller names the store itself."""
     if not config.model.interaction_constraint or config.teacher.store or not config.teacher.auto:
         return
-    choice = resolve_teacher(config, cache_root=os.path.join(root, "teachers"), log_fn=log)
-    config.teacher.store = choice.store
+    if store_dir is None:
+        store_dir = resolve_teacher(config, cache_root=os.path.join(root, "teachers"), log_fn=log).store
+    else:
+        build = config.copy_and_resolve_references()
+        build.seed = teacher_key(config)["seed"]  # as the shared stores: noise-free maps do not depend on the seed
+        build_auto_teacher(build, store_dir, log_fn=log)
+    config.teacher.store = store_dir
     config.teacher.auto = ""

@@ -83,10 +83,16 @@ def _fmt_metrics(m: dict[str, float]) -> str:
 
 
 def run_cells(
-    cells: Sequence[Cell], configs: Sequence, workdir_root: str, dirname: Callable[[Cell, Any], str] | None = None
+    cells: Sequence[Cell],
+    configs: Sequence,
+    workdir_root: str,
+    dirname: Callable[[Cell, Any], str] | None = None,
+    teacher_dir: Callable[[Cell], str] | None = None,
 ) -> list[CellResult]:
     """Trains every unfinished cell in WORKDIR_ROOT/<dirname(cell, config)> (default: named by
-    the config); returns one result per cell, in order."""
+    the config), its automatic teacher store in WORKDIR_ROOT/<teacher_dir(cell)> (default:
+    shared by data, grid and noise under WORKDIR_ROOT/teachers); returns one result per cell,
+    in order."""
     results = []
     t0 = time.time()
     trained = 0
@@ -102,7 +108,8 @@ def run_cells(
                     wall = json.load(f).get("wall_s")
             log(f"{tag}: finished earlier in {wd}, " + _fmt_metrics(accuracies(final)))
         else:
-            ensure_teacher(config, workdir_root, log)
+            store_dir = os.path.join(workdir_root, teacher_dir(cell)) if teacher_dir else None
+            ensure_teacher(config, workdir_root, log, store_dir)
             log(f"{tag}: training {config.total_steps} steps in {wd}")
             t = time.time()
             final = train.train_and_evaluate(config, wd)
