@@ -166,7 +166,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     print(f"device: {_device_line()}", file=sys.stderr)
     table = run(args)
-    command = "python bench/attention.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    given = argv if argv is not None else sys.argv[1:]
+    command = "python bench/attention.py " + " ".join(shlex.quote(a) for a in given)
     body = "\n".join([
         f"Device: {_device_line()}.",
         f"Command: `{command.strip()}`",

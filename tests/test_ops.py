@@ -213,3 +213,13 @@ def test_cross_attention_errors_name_the_argument():
         interaction_attention(q, q2[:, :3], k, v, gate)
     with pytest.raises(ValueError, match="v has 5"):
         interaction_attention(q, q2, k, v[:, :5], gate)
+
+
+def test_auto_choice_is_logged_once(caplog):
+    from lfi_jax.ops import default_impl
+
+    with caplog.at_level("INFO", logger="lfi_jax.ops.interaction_attention"):
+        assert default_impl("tpu") == "pallas" and default_impl("tpu") == "pallas"
+        assert default_impl("cpu") == "chunked"
+    tpu_lines = [r for r in caplog.records if "on tpu: pallas" in r.getMessage()]
+    assert len(tpu_lines) == 1
