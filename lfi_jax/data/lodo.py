@@ -15,14 +15,10 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 
-from lfi_jax.data.sources import IMAGE_EXTENSIONS
+from lfi_jax.data.files import is_image
 from lfi_jax.fileio import write_json_atomic
 
 log = logging.getLogger("lfi_jax.data")
-
-
-def _is_image(name: str) -> bool:
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def _subdirs(path: str) -> list[str]:
@@ -61,7 +57,7 @@ def make_lodo_layout(root: str, held_out: str, out: str, domains: Sequence[str] 
             for c in _subdirs(droot):
                 os.makedirs(os.path.join(tmp, split, c), exist_ok=True)
                 for f in sorted(os.listdir(os.path.join(droot, c))):
-                    if _is_image(f):
+                    if is_image(f):
                         os.symlink(os.path.join(droot, c, f), os.path.join(tmp, split, c, f"{d}__{f}"))
                         counts[d] = counts.get(d, 0) + 1
         for d in domains:

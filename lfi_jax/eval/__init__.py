@@ -5,4 +5,6 @@
 - `curves`: accuracy-against-step curves from a run's metrics.jsonl, and the first step at
   which a curve reaches a target.
 - `figures`: one colour and one label per model for every plot.
+- `attention`, `examples`: the attention maps and the examples (with their teacher maps) of the figures.
+- `coco`: COCO-style box evaluation of the detection task.
 """
