@@ -4,6 +4,7 @@
     python -m lfi_jax.compare ivit                  # a small random I-ViT vs lfi_jax.reference
     python -m lfi_jax.compare ivit --hf DIR         # an I-ViT made from a HF ViT checkpoint
     python -m lfi_jax.compare detr --hf DIR         # our DETR vs transformers' DETR (lfi_jax.compare.detr)
+    python -m lfi_jax.compare conditional_detr --hf DIR   # our Conditional-DETR vs transformers'
 
 One JSON line is printed:
 
@@ -25,6 +26,8 @@ import json
 from typing import Callable, NamedTuple
 
 from lfi_jax.cli import add_debug_flag, run_cli
+from lfi_jax.compare.conditional_detr import add_arguments as conditional_detr_add_arguments
+from lfi_jax.compare.conditional_detr import run as conditional_detr_run
 from lfi_jax.compare.detr import add_arguments as detr_add_arguments
 from lfi_jax.compare.detr import run as detr_run
 from lfi_jax.compare.vit import add_ivit_arguments, add_vit_arguments, run_ivit, run_vit
@@ -41,6 +44,8 @@ SUBCOMMANDS = {
     "ivit": Subcommand("an I-ViT (random, or made from --hf DIR) vs lfi_jax.reference", add_ivit_arguments, run_ivit),
     "detr": Subcommand("our DETR (load_hf_detr(DIR)) vs transformers' DetrForObjectDetection on a padded batch",
                        detr_add_arguments, detr_run),
+    "conditional_detr": Subcommand("our Conditional-DETR vs transformers' ConditionalDetrForObjectDetection",
+                                   conditional_detr_add_arguments, conditional_detr_run),
 }
 
 
