@@ -91,7 +91,7 @@ def _measure(c, devices, batch, steps: int, warmup: int):
 
     from lfi_jax import sharding as shd
     from lfi_jax.config import model_config
-    from lfi_jax.train import create_trainer
+    from lfi_jax.trainer import create_trainer
 
     mesh = shd.make_mesh(c.mesh, devices=devices)
     trainer, init, shapes = create_trainer(c, model_config(c), mesh, seed=0)
@@ -127,7 +127,8 @@ def run_cpu(args) -> str:
     if max(counts) > len(jax.devices()):
         raise SystemExit(f"--devices asks for {max(counts)} devices, {len(jax.devices())} exist")
     rows = [
-        "| devices | strategy | mesh (data, fsdp) | compile s | step ms | params + opt MB / device | temporaries MB / device |",
+        "| devices | strategy | mesh (data, fsdp) | compile s | step ms | params + opt MB / device "
+        "| temporaries MB / device |",
         "|---:|---|---|---:|---:|---:|---:|",
     ]
     base = None

@@ -72,8 +72,9 @@ def _batch(cfg, batch, seed=0):
 
 
 def time_jax(mcfg, batch, steps) -> float:
-    from lfi_jax.train import create_trainer
     import ml_collections
+
+    from lfi_jax.trainer import create_trainer
 
     c = base_config()
     c.model = ml_collections.ConfigDict(model_fields("S/16", **{k: v for k, v in dataclasses.asdict(mcfg).items()}))
@@ -95,9 +96,9 @@ def time_jax(mcfg, batch, steps) -> float:
 
 def time_torch(mcfg, batch, steps, compile_: bool) -> float:
     import torch
+    from flax import nnx
 
     from lfi_jax.models.convert import save_hf
-    from flax import nnx
     from lfi_jax.reference import IViTReference
     from lfi_jax.reference.ivit_torch import alignment_loss
 
@@ -158,7 +159,8 @@ def run(sizes, steps, do_compile, gate_hidden):
             for impl, eps in r.items():
                 peak = peak_j if impl == "jax" else peak_t
                 rows.append((f"{name} {mcfg.image_size}px b{batch}", label, impl, eps, eps * flops / peak))
-                print(f"{size} {label:6s} {impl:14s} {eps:8.1f} ex/s  MFU {eps * flops / peak:.1%}", file=sys.stderr, flush=True)
+                line = f"{size} {label:6s} {impl:14s} {eps:8.1f} ex/s  MFU {eps * flops / peak:.1%}"
+                print(line, file=sys.stderr, flush=True)
         j_ratio = res["ViT"][0]["jax"] / res["I-ViT"][0]["jax"]
         print(f"{size}: I-ViT step / ViT step (JAX) = {j_ratio:.2f}", file=sys.stderr)
     return rows, peak_j, peak_t
@@ -178,7 +180,11 @@ def table(rows, peak_j, peak_t, gate_hidden) -> str:
     by = {}
     for shape, arch, impl, eps, _ in rows:
         by[(shape, arch, impl)] = eps
-    out += ["", "| model | JAX / torch eager (ViT) | JAX / torch eager (I-ViT) | I-ViT step time / ViT step time (JAX) |", "|---|---|---|---|"]
+    out += [
+        "",
+        "| model | JAX / torch eager (ViT) | JAX / torch eager (I-ViT) | I-ViT step time / ViT step time (JAX) |",
+        "|---|---|---|---|",
+    ]
     for shape in dict.fromkeys(r[0] for r in rows):
         jv, ji = by[(shape, "ViT", "jax")], by[(shape, "I-ViT", "jax")]
         tv, ti = by[(shape, "ViT", "torch eager")], by[(shape, "I-ViT", "torch eager")]

@@ -80,15 +80,18 @@ def initialize_kwargs(dist_cfg: Any, environ: Mapping[str, str] | None = None) -
     """The keyword arguments for `jax.distributed.initialize` in this process's situation, or
     None for a single-process run. Pure: reads only `dist_cfg` and `environ`."""
     environ = os.environ if environ is None else environ
+    def timeout(key: str, default: int) -> int:
+        return _int(_get(dist_cfg, key, default), f"config.distributed.{key}")
+
     timeouts = dict(
-        initialization_timeout=_int(_get(dist_cfg, "initialization_timeout", 300), "config.distributed.initialization_timeout"),
-        heartbeat_timeout_seconds=_int(_get(dist_cfg, "heartbeat_timeout", 100), "config.distributed.heartbeat_timeout"),
-        shutdown_timeout_seconds=_int(_get(dist_cfg, "shutdown_timeout", 300), "config.distributed.shutdown_timeout"),
+        initialization_timeout=timeout("initialization_timeout", 300),
+        heartbeat_timeout_seconds=timeout("heartbeat_timeout", 100),
+        shutdown_timeout_seconds=timeout("shutdown_timeout", 300),
     )
+    config_keys = {"heartbeat_timeout_seconds": "heartbeat_timeout", "shutdown_timeout_seconds": "shutdown_timeout"}
     for key, value in timeouts.items():
         if value <= 0:
-            name = {"heartbeat_timeout_seconds": "heartbeat_timeout", "shutdown_timeout_seconds": "shutdown_timeout"}.get(key, key)
-            raise ValueError(f"config.distributed.{name}={value} must be > 0 (seconds)")
+            raise ValueError(f"config.distributed.{config_keys.get(key, key)}={value} must be > 0 (seconds)")
 
     mode = (_get(dist_cfg, "mode", "") or environ.get(ENV_MODE, "")).strip().lower()
     addr = _get(dist_cfg, "coordinator_address", "") or environ.get(ENV_ADDRESS, "")
@@ -104,10 +107,14 @@ def initialize_kwargs(dist_cfg: Any, environ: Mapping[str, str] | None = None) -
         if nproc <= 0 or pid < 0:
             raise ValueError(
                 f"a coordinator address is set ({what}={addr}) but the process count / id are not: set "
-                f"config.distributed.num_processes and config.distributed.process_id, or {ENV_NUM_PROCESSES} / {ENV_PROCESS_ID}"
+                f"config.distributed.num_processes and config.distributed.process_id, "
+                f"or {ENV_NUM_PROCESSES} / {ENV_PROCESS_ID}"
             )
         if pid >= nproc:
-            raise ValueError(f"process id {pid} is not below the process count {nproc} ({ENV_PROCESS_ID} / config.distributed.process_id)")
+            raise ValueError(
+                f"process id {pid} is not below the process count {nproc} "
+                f"({ENV_PROCESS_ID} / config.distributed.process_id)"
+            )
         bind = _get(dist_cfg, "coordinator_bind_address", "") or environ.get(ENV_BIND_ADDRESS, "") or addr
         _check_address(bind, "coordinator bind address")
         return dict(

@@ -40,6 +40,7 @@ import numpy as np
 from lfi_jax.cli import add_debug_flag, run_cli
 from lfi_jax.config import load_config_file
 from lfi_jax.fileio import atomic_write, write_json_atomic
+from lfi_jax.models.convert import names as convert_names
 from lfi_jax.run import RUN_INFO_FILE, load_config, load_run
 from lfi_jax.tasks.registry import get_task
 
@@ -110,12 +111,7 @@ def hf_preprocessor_config(prep: dict[str, Any]) -> dict[str, Any]:
 
 def flat_params(model) -> dict[str, np.ndarray]:
     """{"/"-joined path: float array} in this package's layouts."""
-    from flax import nnx
-
-    return {
-        "/".join(str(p) for p in path): np.asarray(v.get_value())
-        for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
-    }
+    return {"/".join(str(p) for p in path): np.asarray(v) for path, v in convert_names.flat_params(model).items()}
 
 
 def export(

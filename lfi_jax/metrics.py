@@ -53,7 +53,9 @@ class MetricWriter:
         if not self.enabled:
             return
         row = {"step": int(step)}
-        row.update({k: (float(v) if isinstance(v, (int, float)) or hasattr(v, "dtype") else v) for k, v in metrics.items()})
+        row.update(
+            {k: (float(v) if isinstance(v, (int, float)) or hasattr(v, "dtype") else v) for k, v in metrics.items()}
+        )
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self._tb is not None:

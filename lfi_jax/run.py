@@ -55,7 +55,9 @@ RESUMABLE = (
     "keep_checkpoints",
     "async_checkpointing",
     "init",  # read only by a fresh start
-    "model.attn_impl",
+    "model.attn_impl",  # how attention is computed, not what
+    "model.dtype",  # compute dtype (parameters stay float32)
+    "model.remat",
     "data.eval_splits",
     "data.num_workers",
     "data.num_threads",

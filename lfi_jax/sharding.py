@@ -25,7 +25,8 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -134,7 +135,9 @@ def bytes_per_device(tree: Any, shardings: Any | None = None) -> int:
     for x, s in zip(leaves, shards, strict=True):
         item = np.dtype(x.dtype).itemsize
         for dev, index in s.devices_indices_map(tuple(x.shape)).items():
-            n = math.prod((sl.stop if sl.stop is not None else dim) - (sl.start or 0) for sl, dim in zip(index, x.shape))
+            n = math.prod(
+                (sl.stop if sl.stop is not None else dim) - (sl.start or 0) for sl, dim in zip(index, x.shape)
+            )
             per_device[dev] = per_device.get(dev, 0) + n * item
     return max(per_device.values(), default=0)
 

@@ -137,23 +137,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     trainer, init_state, state_shapes = create_trainer(config, mcfg, mesh, seed=int(config.seed), task=task)
     procs = dict(process_index=jax.process_index(), process_count=jax.process_count())
     train_iter = task.train_iterator(config, mcfg, teacher_cfg, seed=int(config.seed), **procs)
+    # Created by every process at the same point (orbax synchronises them). A resumed run is
+    # restored before anything else is written: a checkpoint that does not fit leaves it as it was.
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    start, state, resuming = 0, None, False
-    if os.path.isdir(ckpt_dir):  # restore before writing anything: a misfit leaves the run as it was
-        reader = Checkpointer(ckpt_dir, read_only=True)
-        try:
-            resuming = bool(reader.complete_steps())
-            if resuming:
-                start, state = reader.restore(trainer.abstract_state(state_shapes), train_iter)
-        finally:
-            reader.close()
-    os.makedirs(workdir, exist_ok=True)
+    ckpt = Checkpointer(ckpt_dir, keep=int(config.keep_checkpoints), async_save=bool(config.async_checkpointing))
+    start, state, resuming = 0, None, ckpt.latest_step() is not None
+    try:
+        if resuming:
+            start, state = ckpt.restore(trainer.abstract_state(state_shapes), train_iter)
+    except BaseException:
+        ckpt.close()
+        raise
     record_config(workdir, config, changes, step=start if resuming else None)
     _write_run_info(workdir, config, source, store, lines)
     if is_main:
         for line in lines:
             log.info("%s", line)
-    ckpt = Checkpointer(ckpt_dir, keep=int(config.keep_checkpoints), async_save=bool(config.async_checkpointing))
     writer = MetricWriter(workdir, enabled=is_main)
     if resuming:
         writer.truncate_after(start)

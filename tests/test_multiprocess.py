@@ -192,8 +192,9 @@ def _launcher(*args, timeout=60, **kw):
 
 
 def test_local_launcher_sets_the_environment_of_each_process():
-    r = _launcher("--cpu-devices", "3", "3", "--", sys.executable, "-c",
-                  "import json, os; print(json.dumps({k: v for k, v in os.environ.items() if k.startswith(('LFI_', 'JAX_'))}))")
+    script = ("import json, os; "
+              "print(json.dumps({k: v for k, v in os.environ.items() if k.startswith(('LFI_', 'JAX_'))}))")
+    r = _launcher("--cpu-devices", "3", "3", "--", sys.executable, "-c", script)
     assert r.returncode == 0, r.stderr
     rows = {}
     for line in r.stdout.splitlines():
@@ -233,7 +234,8 @@ def test_local_launcher_forwards_sigterm(tmp_path):
         "time.sleep(120)\n"
     )
     p = subprocess.Popen(["bash", os.path.join(LAUNCH, "local_multiprocess.sh"), "--grace", "2", "2", "--",
-                          sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          sys.executable, "-c", script],
+                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 60
         while time.time() < deadline and not all((tmp_path / f"pid{i}").exists() for i in range(2)):
@@ -299,7 +301,8 @@ def test_tpu_vm_dry_runs_print_well_formed_gcloud_commands():
     assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and "--worker=all" in scp
     assert "pip install" in _remote(install) and "--worker=all" in install
 
-    train_args = ["--config=configs/demo.py:ivit", "--workdir=/mnt/lfi-runs/demo v4", "--config.data.eval_splits=('test_iid',)"]
+    train_args = ["--config=configs/demo.py:ivit", "--workdir=/mnt/lfi-runs/demo v4",
+                  "--config.data.eval_splits=('test_iid',)"]
     (train,) = _dry("tpu_vm.sh", *opts, "train", "--", *train_args)
     assert train[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "lfi-v4"] and "--worker=all" in train
     lex = shlex.shlex(_remote(train), posix=True, punctuation_chars=True)
@@ -315,7 +318,10 @@ def test_tpu_vm_dry_runs_print_well_formed_gcloud_commands():
     assert "kill -TERM" in _remote(stop)
     (delete,) = _dry("tpu_vm.sh", *opts, "delete")
     assert delete[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "delete", "lfi-v4"] and "--quiet" in delete
-    r = subprocess.run(["bash", os.path.join(LAUNCH, "tpu_vm.sh"), "--dry-run", "frobnicate"], capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        ["bash", os.path.join(LAUNCH, "tpu_vm.sh"), "--dry-run", "frobnicate"],
+        capture_output=True, text=True, timeout=30,
+    )
     assert r.returncode == 2 and "unknown command" in r.stderr
 
 
@@ -380,4 +386,6 @@ def test_initialize_kwargs_errors_name_the_setting():
     with pytest.raises(ValueError, match="heartbeat_timeout"):
         initialize_kwargs(_dist(heartbeat_timeout=0), {})
     with pytest.raises(ValueError, match="LFI_PROCESS_ID"):
-        initialize_kwargs(_dist(), {"LFI_COORDINATOR_ADDRESS": "127.0.0.1:4567", "LFI_NUM_PROCESSES": "2", "LFI_PROCESS_ID": "x"})
+        initialize_kwargs(
+            _dist(), {"LFI_COORDINATOR_ADDRESS": "127.0.0.1:4567", "LFI_NUM_PROCESSES": "2", "LFI_PROCESS_ID": "x"}
+        )

@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 from lfi_jax import sharding as shd
 from lfi_jax.checkpoint import Checkpointer
 from lfi_jax.config import load_config_file, model_config
-from lfi_jax.train import create_trainer
+from lfi_jax.trainer import create_trainer
 
 STEPS = 3
 

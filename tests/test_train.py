@@ -14,7 +14,7 @@ import pytest
 from lfi_jax import sharding as shd
 from lfi_jax.config import load_config_file, model_config
 from lfi_jax.metrics import read_metrics
-from lfi_jax.train import create_trainer
+from lfi_jax.trainer import create_trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -118,7 +118,8 @@ def test_unknown_config_key_fails_naming_it(tmp_path):
     assert r.returncode != 0
     assert "learning_rate" in r.stderr
     lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and lines[-1].startswith("error: ") and "optim.learning_rate" in lines[-1], r.stderr[-2000:]
+    assert r.returncode == 2 and lines[-1].startswith("error: "), r.stderr[-2000:]
+    assert "optim.learning_rate" in lines[-1], lines[-1]
     assert "Traceback" not in r.stderr
 
 
