@@ -37,7 +37,7 @@ def interaction_attention_ref(q, q2, k, v, gate, key_mask=None, return_rows=Fals
     b, nq, h, d = q.shape
     nk = k.shape[1]
     mask = np.ones((b, nk), bool) if key_mask is None else np.asarray(key_mask, bool)
-    o = np.zeros_like(q)
+    o = np.zeros((b, nq, h, v.shape[3]))
     rows = np.zeros((b, h, nq, nk))
     for bi in range(b):
         idx = np.flatnonzero(mask[bi])
@@ -69,7 +69,7 @@ def dot_product_attention_ref(q, k, v, key_mask=None):
     q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
     b, nq, h, d = q.shape
     mask = np.ones(k.shape[:2], bool) if key_mask is None else np.asarray(key_mask, bool)
-    o = np.zeros_like(q)
+    o = np.zeros((b, nq, h, v.shape[3]))
     c = np.zeros((b, h, nq, k.shape[1]))
     for bi in range(b):
         idx = np.flatnonzero(mask[bi])

@@ -223,3 +223,18 @@ def test_auto_choice_is_logged_once(caplog):
         assert default_impl("cpu") == "chunked"
     tpu_lines = [r for r in caplog.records if "on tpu: pallas" in r.getMessage()]
     assert len(tpu_lines) == 1
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+def test_value_width_may_differ_from_query_width(impl):
+    """Conditional-DETR's cross-attention: q, k 2 d_head wide, v d_head wide."""
+    q, q2, k, _, gate, mask = _cross_inputs(2, 20, 13, 2, 16, 3, seed=6)
+    v = jax.random.normal(jax.random.key(8), (2, 13, 2, 8))
+    o, rows = interaction_attention(q, q2, k, v, gate, impl=impl, block_q=8, key_mask=mask, return_rows=True)
+    o_ref, rows_ref = interaction_attention_ref(q, q2, k, v, gate, key_mask=mask, return_rows=True)
+    assert o.shape == (2, 20, 2, 8)
+    np.testing.assert_allclose(np.asarray(o), o_ref, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(np.asarray(rows), rows_ref, atol=1e-6, rtol=1e-5)
+    o2, c2 = dot_product_attention(q, k, v, key_mask=mask)
+    o2_ref, _ = dot_product_attention_ref(q, k, v, key_mask=mask)
+    np.testing.assert_allclose(np.asarray(o2), o2_ref, atol=2e-5)

@@ -171,6 +171,28 @@ def test_masked_cross_attention_matches_float64_reference(nq, nk, dtype, kind, b
     _check_against_reference(nq, 32, dtype, kind, nk=nk, masked=True, backend=backend, interpret=True, **tiles)
 
 
+def test_value_width_may_differ_in_the_kernel():
+    """v narrower than q, k (Conditional-DETR): padded to one width inside, o has v's width."""
+    r = np.random.default_rng(5)
+    q, q2, k = (jnp.asarray(r.normal(size=(B, n, H, 32)), jnp.float32) for n in (21, 21, 40))
+    v = jnp.asarray(r.normal(size=(B, 40, H, 16)), jnp.float32)
+    gate = {"w2": jnp.asarray(r.normal(size=(H, 2, 2)), jnp.float32), "b2": jnp.zeros((H, 2), jnp.float32)}
+    mask = jnp.arange(40)[None, :] < 33
+    wo = jnp.asarray(r.normal(size=(B, 21, H, 16)), jnp.float32)
+
+    def loss(impl):
+        def f(q, q2, k, v, gate):
+            o, cls = interaction_attention(q, q2, k, v, gate, impl=impl, key_mask=mask)
+            return jnp.sum(o * wo) + jnp.sum(cls)
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3, 4)))(q, q2, k, v, gate)
+
+    (lp, gp), (lx, gx) = loss("pallas"), loss("xla")
+    assert _rel_err(lp, lx) <= 2e-5
+    for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gx)):
+        assert a.shape == b.shape and _rel_err(a, b) <= 2e-5
+
+
 def test_jnp_backward_with_mask_matches_reference():
     _check_against_reference(21, 32, jnp.float32, "hidden", nk=40, masked=True, backend="cpu", bwd_impl="jnp")
 

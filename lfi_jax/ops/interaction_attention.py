@@ -3,8 +3,8 @@
     o, agt_cls = interaction_attention(q, q2, k, v, gate, impl="xla")
     o, c_agt = interaction_attention(q, q2, k, v, gate, key_mask=mask, return_rows=True)
 
-q, q2: [B, Nq, H, d] (original and interaction queries); k, v: [B, Nk, H, d] (Nq == Nk for
-self-attention, any Nk for cross-attention).
+q, q2: [B, Nq, H, d] (original and interaction queries); k: [B, Nk, H, d]; v: [B, Nk, H, dv]
+(Nq == Nk for self-attention, any Nk for cross-attention; dv = d usually, any dv allowed).
 gate: the per-head Gated Control Network, a `GateParams` (lfi_jax.ops.reference) or the SPEC
 dict form of it (converted here)
     hidden gate (gate_hidden = G > 0): w1 [H, 2, G], b1 [H, G], w2 [H, G, 2], b2 [H, 2]
@@ -12,7 +12,7 @@ dict form of it (converted here)
     None: no gated control, C_f = (C_agt + C_vfm) / 2 (ablation "GC off").
 key_mask: optional [B, Nk] bool, True = valid key. Padded keys get no probability mass in
 C_vfm, C_agt or C_f; the gate's inputs are scaled by each example's number of valid keys.
-Returns o [B, Nq, H, d] (dtype of v) and agt_cls [B, H, Nk] (float32): row 0 (the CLS
+Returns o [B, Nq, H, dv] (dtype of v) and agt_cls [B, H, Nk] (float32): row 0 (the CLS
 query) of C_agt over all keys; with return_rows=True the whole C_agt [B, H, Nq, Nk]
 (float32) instead, for the dense alignment loss.
 

@@ -5,10 +5,11 @@ Shared by the dispatcher (`lfi_jax.ops.interaction_attention`) and the Pallas ke
 the input checks (`check_inputs`) and the two jnp implementations (`xla_attention`,
 `chunked_attention`).
 
-Shapes: q, q2 [B, Nq, H, d] (original and interaction queries), k, v [B, Nk, H, d]
-(self-attention: Nq == Nk). key_mask: optional [B, Nk] bool, True = a valid key; padded keys
-get zero probability in C_vfm and C_agt (and so in C_f), and the gate's inputs are scaled by
-the number of valid keys of each example (SPEC section 7), z = [n C_agt, n C_vfm].
+Shapes: q, q2 [B, Nq, H, d] (original and interaction queries), k [B, Nk, H, d], v
+[B, Nk, H, dv] (self-attention: Nq == Nk; dv is usually d). key_mask: optional [B, Nk]
+bool, True = a valid key; padded keys get zero probability in C_vfm and C_agt (and so in
+C_f), and the gate's inputs are scaled by the number of valid keys of each example (SPEC
+section 7), z = [n C_agt, n C_vfm].
 Softmaxes and the gate run in float32 whatever the input dtype.
 """
 
@@ -83,9 +84,10 @@ def check_inputs(q, q2, k, v, gate: GateParams | None, key_mask=None, *, name: s
         raise ValueError(f"{name}: q must be [B, Nq, H, d], got shape {q.shape}")
     if q2.shape != q.shape:
         raise ValueError(f"{name}: q2 has shape {q2.shape}, q has {q.shape}; they must be equal")
-    for arg, x in (("k", k), ("v", v)):
-        if x.ndim != 4 or x.shape[0] != q.shape[0] or x.shape[2:] != q.shape[2:]:
-            raise ValueError(f"{name}: {arg} has shape {x.shape}, incompatible with q {q.shape}")
+    if k.ndim != 4 or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]:
+        raise ValueError(f"{name}: k has shape {k.shape}, incompatible with q {q.shape}")
+    if v.ndim != 4 or v.shape[0] != q.shape[0] or v.shape[2] != q.shape[2]:
+        raise ValueError(f"{name}: v has shape {v.shape}, incompatible with q {q.shape} (v may differ in d only)")
     if k.shape[1] != v.shape[1]:
         raise ValueError(f"{name}: k has {k.shape[1]} keys, v has {v.shape[1]}")
     if key_mask is not None and tuple(key_mask.shape) != (k.shape[0], k.shape[1]):
@@ -214,7 +216,7 @@ def chunked_attention(q, q2, k, v, gate, *, block_q: int | None = None, key_mask
 
     out = jax.lax.map(body, (to_blocks(q), to_blocks(q2)))  # o: [nb, B, bq, H, d]
     o = out[0] if return_rows else out
-    o = o.swapaxes(0, 1).reshape(b, n_blocks * block_q, h, d)[:, :nq]
+    o = o.swapaxes(0, 1).reshape(b, n_blocks * block_q, h, v.shape[3])[:, :nq]
     if not return_rows:
         return o, agt_cls
     rows = out[1].transpose(1, 2, 0, 3, 4).reshape(b, h, n_blocks * block_q, -1)[:, :, :nq]
@@ -224,8 +226,8 @@ def chunked_attention(q, q2, k, v, gate, *, block_q: int | None = None, key_mask
 def dot_product_attention(q, k, v, *, key_mask=None):
     """Plain softmax attention over the valid keys.
 
-    q [B, Nq, H, d], k, v [B, Nk, H, d], key_mask [B, Nk] bool (True = valid) or None.
-    Returns o [B, Nq, H, d] (v.dtype) and C [B, H, Nq, Nk] float32.
+    q [B, Nq, H, d], k [B, Nk, H, d], v [B, Nk, H, dv], key_mask [B, Nk] bool (True = valid)
+    or None. Returns o [B, Nq, H, dv] (v.dtype) and C [B, H, Nq, Nk] float32.
     """
     c = attention_map(q, k, key_mask)
     o = jnp.einsum("bhqk,bkhd->bqhd", c.astype(v.dtype), v, preferred_element_type=F32)

@@ -2,8 +2,9 @@
 
     o, agt_cls = interaction_attention_pallas(q, q2, k, v, gate, key_mask=None)
 
-Same contract as `lfi_jax.ops.interaction_attention` (q, q2 [B, Nq, H, d], k, v [B, Nk, H, d];
-gate GateParams, SPEC dict or None; key_mask [B, Nk] bool or None; o [B, Nq, H, d] in v.dtype,
+Same contract as `lfi_jax.ops.interaction_attention` (q, q2 [B, Nq, H, d], k [B, Nk, H, d],
+v [B, Nk, H, dv] (q, k and v are zero-padded to one width inside);
+gate GateParams, SPEC dict or None; key_mask [B, Nk] bool or None; o [B, Nq, H, dv] in v.dtype,
 agt_cls [B, H, Nk] float32). C_vfm, C_agt, the gate activations and C_f only ever exist as
 [block_q, block_k] tiles: memory is O(N) per head.
 
@@ -187,16 +188,17 @@ def _fit_block(name: str, value: int, n: int, backend: str) -> int:
     return min(value, -(-n // align) * align)
 
 
-def _make_config(q, k, gate, backend, interpret, tiles: Tiles, masked: bool, precision: str) -> KernelConfig:
+def _make_config(q, k, v, gate, backend, interpret, tiles: Tiles, masked: bool, precision: str) -> KernelConfig:
     b, nq, h, d = q.shape
     nk = k.shape[1]
+    dmax = max(d, v.shape[3])  # q, k and v share one padded width; zero columns change nothing
     lengths = (nq, nk, nq, nk)
     names = ("block_q", "block_k", "block_q_bwd", "block_k_bwd")
     fq, fk, fqb, fkb = (_fit_block(nm, bl, n, backend) for nm, bl, n in zip(names, tiles.blocks, lengths))
     lq, lk = math.lcm(fq, fqb), math.lcm(fk, fkb)
     return KernelConfig(
         batch=b, heads=h, nq=nq, nk=nk, npq=-(-nq // lq) * lq, npk=-(-nk // lk) * lk,
-        dp=max(16, _next_pow2(d)) if backend == "gpu" else d, scale=1.0 / math.sqrt(d),
+        dp=max(16, _next_pow2(dmax)) if backend == "gpu" else dmax, scale=1.0 / math.sqrt(d),
         spec=gatelib.gate_spec(gate),
         block_q=fq, block_k=fk, block_q_bwd=fqb, block_k_bwd=fkb,
         driver="grid" if backend == "tpu" else "loop",
@@ -250,7 +252,7 @@ def interaction_attention_pallas(
     tiles = tiles or default_tiles(backend)
     given = dict(block_q=block_q, block_k=block_k, block_q_bwd=block_q_bwd, block_k_bwd=block_k_bwd)
     tiles = dataclasses.replace(tiles, **{key: int(val) for key, val in given.items() if val is not None})
-    cfg = _make_config(q, k, gate, backend, interpret, tiles, key_mask is not None, precision)
+    cfg = _make_config(q, k, v, gate, backend, interpret, tiles, key_mask is not None, precision)
     valid = None if key_mask is None else key_mask.astype(jnp.float32)
     return _vjp_attention(q, q2, k, v, gate, valid, _Static(cfg, bwd_impl))
 
@@ -290,10 +292,9 @@ def _inputs(cfg: KernelConfig, q, q2, k, v, *more_q):
 
 
 def _forward(q, q2, k, v, gate, valid, cfg: KernelConfig):
-    nq, d = q.shape[1], q.shape[3]
     (qk, q2k), (kk, vk) = _inputs(cfg, q, q2, k, v)
     o, lse, lse2, agt = calls.forward(cfg, qk, q2k, kk, vk, _extra(cfg, gate, valid))
-    return (_from_kernel(o, nq, d).astype(v.dtype), agt[:, :, 0, 0, : cfg.nk]), (lse, lse2)
+    return (_from_kernel(o, q.shape[1], v.shape[3]).astype(v.dtype), agt[:, :, 0, 0, : cfg.nk]), (lse, lse2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,7 +335,7 @@ def _pallas_bwd(cfg: KernelConfig, q, q2, k, v, gate: GateParams | None, valid, 
     (qk, q2k, dok), (kk, vk) = _inputs(cfg, q, q2, k, v, do)
     dq, dq2, dk, dv, gsum = calls.backward(cfg, qk, q2k, kk, vk, dok, lse, lse2, _extra(cfg, gate, valid))
     dq, dq2 = (_from_kernel(x, nq, d) for x in (dq, dq2))
-    dk, dv = (_from_kernel(x, cfg.nk, d) for x in (dk, dv))
+    dk, dv = _from_kernel(dk, cfg.nk, d), _from_kernel(dv, cfg.nk, v.shape[3])
     if valid is not None:  # masked keys' rows are not computed by the kernel
         keep = valid[:, :, None, None] > 0.5
         dk, dv = jnp.where(keep, dk, 0.0), jnp.where(keep, dv, 0.0)
