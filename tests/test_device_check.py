@@ -68,3 +68,25 @@ def test_unknown_part_is_one_clear_error(dc, capsys):
     with pytest.raises(SystemExit):
         dc.main(["--parts", "a,x"])
     assert "unknown ['x']" in capsys.readouterr().err
+
+
+def test_crashed_train_step_is_retried_without_autotuning(dc, tmp_path, monkeypatch):
+    """A part whose process dies (as XLA's GPU autotuner has been seen to) is reported; part c
+    is retried once with --xla_gpu_autotune_level=0 and the report keeps both attempts."""
+    calls = []
+
+    def fake_child(part, args, env_extra=None):
+        calls.append((part, env_extra))
+        if env_extra is None:
+            return {"status": "fail", "error": "process exited with -6", "stderr": "CUDA_ERROR_ILLEGAL_ADDRESS"}
+        return {"status": "ok", "steps": [], "seconds": 1.0}
+
+    monkeypatch.setattr(dc, "_in_child", fake_child)
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    rc = dc.main(["--quick", "--isolate", "--parts", "c", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "device_check.json").read_text())
+    assert rc == 0
+    assert [p for p, _ in calls] == ["c", "c"] and "--xla_gpu_autotune_level=0" in calls[1][1]["XLA_FLAGS"]
+    c = report["parts"]["c"]
+    assert c["status"] == "ok" and "autotune_level=0" in c["retried_with"]
+    assert c["first_attempt"]["error"] == "process exited with -6"
