@@ -68,7 +68,8 @@ def compare_conditional_detr(hf: str, *, sizes=((160, 192), (128, 176)), seed: i
     ).eval().float()
     perturbed = None
     if perturb:
-        name, param = next((n, p) for n, p in hf_model.named_parameters() if "encoder_attn.q_pos_sine_proj.weight" in n)
+        # the spatial query projection of the last decoder layer (moves the final logits directly)
+        name, param = [(n, p) for n, p in hf_model.named_parameters() if "encoder_attn.q_pos_sine_proj.weight" in n][-1]
         with torch.no_grad():
             param.add_(1e-2 * torch.randn(param.shape, generator=torch.Generator().manual_seed(seed)))
         perturbed = name
