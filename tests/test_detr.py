@@ -21,9 +21,11 @@ from flax import nnx  # noqa: E402
 from lfi_jax.compare import detr as compare_detr_mod  # noqa: E402
 from lfi_jax.compare.detr import forward  # noqa: E402
 from lfi_jax.models.convert.detr import (  # noqa: E402
+    fill_detr,
     idetr_from_detr,
     load_hf_detr,
     normalize_hf_detr_names,
+    param_shapes,
     save_hf_detr,
 )
 from lfi_jax.models.detr import (  # noqa: E402
@@ -120,23 +122,6 @@ def test_compare_command_line(hf_dir, capsys):
     assert '"mode": "detr"' in capsys.readouterr().out
 
 
-def test_cross_attention_rows_are_transformers_attention_maps(hf_dir):
-    """IQ off + IC on: the rows are C_vfm of every decoder cross-attention (padded keys 0)."""
-    model, cfg = load_hf_detr(hf_dir, interaction_constraint=True)
-    pixels, mask, x, m = _inputs()
-    out = forward(model, x, m)
-    hf = transformers.DetrForObjectDetection.from_pretrained(hf_dir, attn_implementation="eager").eval()
-    with torch.no_grad():
-        ref = hf(pixel_values=torch.from_numpy(pixels), pixel_mask=torch.from_numpy(mask), output_attentions=True)
-    want = np.stack([a.numpy() for a in ref.cross_attentions], axis=1)  # [B, L, H, Q, Nk]
-    assert out.agt_rows.shape == want.shape == (2, cfg.decoder_layers, 4, cfg.num_queries, 3 * 3)
-    np.testing.assert_allclose(np.asarray(out.agt_rows), want, atol=1e-5, rtol=0)
-    key_mask = np.asarray(out.key_mask)
-    assert key_mask[0].all() and not key_mask[1].all()
-    assert np.all(np.asarray(out.agt_rows)[1][..., ~key_mask[1]] == 0)
-    assert out.query_mask is None
-
-
 def test_save_and_load_round_trip(hf_dir, tmp_path):
     model, cfg = load_hf_detr(hf_dir)
     save_hf_detr(model, str(tmp_path / "out"))
@@ -174,7 +159,7 @@ def _set(model, pred, fn):
 @pytest.mark.parametrize("where", ["decoder_cross", "encoder_self"])
 def test_idetr_from_detr_starts_out_as_the_detr(hf_dir, where):
     detr, cfg = load_hf_detr(hf_dir)
-    _, _, x, m = _inputs()
+    pixels, mask, x, m = _inputs()
     base = forward(detr, x, m)
 
     # The pretrained gate [-4, +4] with Wq' = Wq: nearly the DETR (C_agt = C_vfm and
@@ -194,9 +179,16 @@ def test_idetr_from_detr_starts_out_as_the_detr(hf_dir, where):
     if where == "encoder_self":
         np.testing.assert_array_equal(np.asarray(out.query_mask), valid)
 
-    # ... C_agt's gate weight exactly 0 (sigmoid(-1e4) == 0, sigmoid(1e4) == 1): the same model ...
+    # ... C_agt's gate weight exactly 0 (sigmoid(-1e4) == 0, sigmoid(1e4) == 1): the same model,
+    # and the C_agt rows (Wq' = Wq) are transformers' attention maps of the DETR.
     _set(model, lambda p: p[-1] == "b2", lambda p, v: jnp.broadcast_to(jnp.asarray([-1e4, 1e4]), v.shape))
-    assert _max_diff(forward(model, x, m), base) < 1e-6
+    exact = forward(model, x, m)
+    assert _max_diff(exact, base) < 1e-6
+    hf = transformers.DetrForObjectDetection.from_pretrained(hf_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        ref = hf(pixel_values=torch.from_numpy(pixels), pixel_mask=torch.from_numpy(mask), output_attentions=True)
+    maps = ref.cross_attentions if where == "decoder_cross" else ref.encoder_attentions
+    np.testing.assert_allclose(np.asarray(exact.agt_rows), np.stack([a.numpy() for a in maps], axis=1), atol=1e-5)
     # ... and at [-4, +4] much nearer to it than with Wq' != Wq (so the first check can fail).
     _set(model, lambda p: p[-1] == "b2", lambda p, v: jnp.broadcast_to(jnp.asarray(PRETRAINED_GATE_BIAS), v.shape))
     assert _max_diff(forward(model, x, m), base) == d_near
@@ -205,14 +197,20 @@ def test_idetr_from_detr_starts_out_as_the_detr(hf_dir, where):
     assert _max_diff(forward(model, x, m), base) > 5 * d_near
 
 
+def _micro(**kw):
+    """A very small DETR (for tests whose point is not parity)."""
+    base = dict(backbone=ResNetConfig(embedding_size=4, hidden_sizes=(4, 8, 8, 8), depths=(1, 1, 1, 1)),
+                hidden_size=8, encoder_layers=1, decoder_layers=2, encoder_heads=2, decoder_heads=2,
+                encoder_ffn_dim=8, decoder_ffn_dim=8, num_queries=3, num_classes=2)
+    base.update(kw)
+    return DetrConfig(**base)
+
+
 def test_feature_grid_and_mask_downsampling_match_torch():
-    cfg = DetrConfig(backbone=ResNetConfig(embedding_size=4, hidden_sizes=(4, 8, 8, 8), depths=(1, 1, 1, 1)),
-                     hidden_size=8, encoder_layers=1, decoder_layers=1, encoder_heads=2, decoder_heads=2,
-                     encoder_ffn_dim=8, decoder_ffn_dim=8, num_queries=2, num_classes=2)
-    model = Detr(cfg, rngs=nnx.Rngs(0))
+    cfg = _micro()
     rng = np.random.default_rng(0)
     for h, w in ((33, 47), (64, 64), (65, 31), (97, 130)):
-        feats = jax.eval_shape(model.backbone, jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32))[-1]
+        feats = nnx.eval_shape(lambda: Detr(cfg, rngs=nnx.Rngs(0)).backbone(jnp.zeros((1, h, w, 3))))[-1]  # noqa: B023
         assert feature_grid(cfg, h, w) == feats.shape[1:3] == (math.ceil(h / 32), math.ceil(w / 32))
         mask = rng.random((2, h, w)) < 0.7
         gh, gw = feature_grid(cfg, h, w)
@@ -235,26 +233,65 @@ def test_parameter_counts_of_detr_r50_and_idetr_r50():
     assert n_idetr - n_detr == 6 * (256 * 256 + 256) + 6 * 8 * (2 * 8 + 8 + 8 * 2 + 2)  # 41.9M
 
 
-def test_dropout_only_with_an_rng_and_frozen_batchnorm_gets_no_gradient(hf_dir):
-    model, cfg = load_hf_detr(hf_dir, interaction=True)
-    _, _, x, m = _inputs()
+def _random_detr(cfg, seed=0):
+    """A Detr with NumPy-drawn parameters (an eager random init compiles op by op: slow)."""
+    rng = np.random.default_rng(seed)
+    values = {}
+    for path, shape in param_shapes(cfg):
+        name = path[-1]
+        if name == "running_var":
+            v = 0.5 + rng.random(shape)
+        elif name in ("scale", "weight") and "normalization" in path or name == "scale":
+            v = 1.0 + 0.1 * rng.normal(size=shape)
+        elif name in ("bias", "running_mean", "b1", "b2"):
+            v = 0.1 * rng.normal(size=shape)
+        elif name == "weight":  # query position embeddings
+            v = rng.normal(size=shape)
+        else:
+            v = rng.normal(size=shape) / math.sqrt(math.prod(shape[:-1]))
+        values[path] = v.astype(np.float32)
+    return fill_detr(cfg, values)
+
+
+def test_dropout_only_with_an_rng():
+    cfg = idetr_config(_micro(dropout=0.3))
+    model = _random_detr(cfg)
+    _, _, x, m = _inputs(((40, 40), (24, 32)))
+    graphdef, params = nnx.split(model, nnx.Param)
+    out = jax.jit(lambda rng: nnx.merge(graphdef, params)(x, m, rng=rng))
+    plain = forward(model, x, m)
+    assert _max_diff(plain, forward(model, x, m)) == 0.0  # no rng: no dropout
+    a, b = out(jax.random.key(0)), out(jax.random.key(1))
+    assert _max_diff(a, out(jax.random.key(0))) == 0.0 and _max_diff(a, b) > 1e-4 and _max_diff(a, plain) > 1e-4
+
+
+def test_frozen_batchnorm_gets_no_gradient():
+    cfg = _micro()
+    backbone = _random_detr(cfg).backbone
+    graphdef, params = nnx.split(backbone, nnx.Param)
+    x = jax.random.normal(jax.random.key(0), (1, 40, 40, 3))
+    grads = jax.jit(jax.grad(lambda p: sum(jnp.sum(f ** 2) for f in nnx.merge(graphdef, p)(x))))(params)
+    norms = {path: float(jnp.max(jnp.abs(g.get_value()))) for path, g in nnx.to_flat_state(grads)}
+    bn = [v for p, v in norms.items() if "normalization" in p]
+    conv = [v for p, v in norms.items() if "convolution" in p]
+    assert bn and max(bn) == 0.0 and conv and min(conv) > 0.0
+
+
+@pytest.mark.slow  # compiling the backward pass of even a tiny DETR takes minutes on a loaded CPU
+def test_gradients_reach_the_interaction_queries_gates_and_heads():
+    cfg = idetr_config(_micro())
+    model = _random_detr(cfg)
+    _, _, x, m = _inputs(((40, 40), (24, 32)))
     graphdef, params = nnx.split(model, nnx.Param)
 
-    def loss(params, rng):
-        out = nnx.merge(graphdef, params)(x, m, rng=rng)
+    def loss(params):
+        out = nnx.merge(graphdef, params)(x, m)
         return jnp.sum(out.logits ** 2) + jnp.sum(out.pred_boxes) + jnp.sum(out.aux_logits ** 2)
 
-    f = jax.jit(jax.value_and_grad(loss))
-    a, b = f(params, None)[0], f(params, None)[0]
-    assert a == b
-    c, d = f(params, jax.random.key(0))[0], f(params, jax.random.key(1))[0]
-    assert abs(float(c - a)) > 1e-3 and abs(float(c - d)) > 1e-3
-
-    grads = nnx.to_flat_state(f(params, None)[1])
-    norms = {path: float(jnp.max(jnp.abs(g.get_value()))) for path, g in grads}
-    bn = [v for p, v in norms.items() if "normalization" in p]
-    assert bn and max(bn) == 0.0
-    for part in ("interaction_query", "gate", "class_labels_classifier", "bbox_predictor"):
+    grads = jax.jit(jax.grad(loss))(params)
+    norms = {path: float(jnp.max(jnp.abs(g.get_value()))) for path, g in nnx.to_flat_state(grads)}
+    assert max(v for p, v in norms.items() if "normalization" in p) == 0.0
+    for part in ("interaction_query", "gate", "class_labels_classifier", "bbox_predictor", "q_proj", "convolution"):
         assert max(v for p, v in norms.items() if part in p) > 0.0, part
 
 

@@ -206,7 +206,7 @@ def sine_position_embedding(mask, num_feats: int, temperature: float = 10000.0):
     return jnp.concatenate([embed(y), embed(x)], axis=-1).reshape(b, h * w, 2 * num_feats)
 
 
-def _dropout(x, rate: float, rng, site: int):
+def dropout(x, rate: float, rng, site: int):
     if rng is None or rate == 0.0:
         return x
     keep = jax.random.bernoulli(jax.random.fold_in(rng, site), 1.0 - rate, x.shape)
@@ -225,7 +225,7 @@ def linear(din, dout, cfg: DetrConfig, rngs, *, init=None):
     )
 
 
-def _layernorm(cfg: DetrConfig, rngs):
+def layer_norm(cfg: DetrConfig, rngs):
     return nnx.LayerNorm(
         cfg.hidden_size, epsilon=cfg.layer_norm_eps, dtype=DTYPES[cfg.dtype], param_dtype=jnp.float32, rngs=rngs
     )
@@ -295,18 +295,18 @@ class EncoderLayer(nnx.Module):
         self.cfg = cfg
         d = cfg.hidden_size
         self.self_attn = Attention(cfg, cfg.encoder_heads, rngs, interaction=interaction)
-        self.self_attn_layer_norm = _layernorm(cfg, rngs)
+        self.self_attn_layer_norm = layer_norm(cfg, rngs)
         self.fc1 = linear(d, cfg.encoder_ffn_dim, cfg, rngs)
         self.fc2 = linear(cfg.encoder_ffn_dim, d, cfg, rngs)
-        self.final_layer_norm = _layernorm(cfg, rngs)
+        self.final_layer_norm = layer_norm(cfg, rngs)
 
     def __call__(self, x, pos, key_mask, rng, *, want_rows: bool):
         cfg = self.cfg
         qk = x + pos
         a, rows = self.self_attn(qk, qk, x, key_mask, want_rows=want_rows)
-        x = self.self_attn_layer_norm(x + _dropout(a, cfg.dropout, rng, 0))
-        h = _dropout(jax.nn.relu(self.fc1(x)), cfg.activation_dropout, rng, 1)
-        x = self.final_layer_norm(x + _dropout(self.fc2(h), cfg.dropout, rng, 2))
+        x = self.self_attn_layer_norm(x + dropout(a, cfg.dropout, rng, 0))
+        h = dropout(jax.nn.relu(self.fc1(x)), cfg.activation_dropout, rng, 1)
+        x = self.final_layer_norm(x + dropout(self.fc2(h), cfg.dropout, rng, 2))
         return x, rows
 
 
@@ -315,32 +315,32 @@ class DecoderLayer(nnx.Module):
         self.cfg = cfg
         d = cfg.hidden_size
         self.self_attn = Attention(cfg, cfg.decoder_heads, rngs)
-        self.self_attn_layer_norm = _layernorm(cfg, rngs)
+        self.self_attn_layer_norm = layer_norm(cfg, rngs)
         self.encoder_attn = Attention(cfg, cfg.decoder_heads, rngs, interaction=interaction)
-        self.encoder_attn_layer_norm = _layernorm(cfg, rngs)
+        self.encoder_attn_layer_norm = layer_norm(cfg, rngs)
         self.fc1 = linear(d, cfg.decoder_ffn_dim, cfg, rngs)
         self.fc2 = linear(cfg.decoder_ffn_dim, d, cfg, rngs)
-        self.final_layer_norm = _layernorm(cfg, rngs)
+        self.final_layer_norm = layer_norm(cfg, rngs)
 
     def __call__(self, x, query_pos, memory, pos, key_mask, rng, *, want_rows: bool):
         cfg = self.cfg
         qk = x + query_pos
         a, _ = self.self_attn(qk, qk, x, None)
-        x = self.self_attn_layer_norm(x + _dropout(a, cfg.dropout, rng, 0))
+        x = self.self_attn_layer_norm(x + dropout(a, cfg.dropout, rng, 0))
         a, rows = self.encoder_attn(x + query_pos, memory + pos, memory, key_mask, want_rows=want_rows)
-        x = self.encoder_attn_layer_norm(x + _dropout(a, cfg.dropout, rng, 1))
-        h = _dropout(jax.nn.relu(self.fc1(x)), cfg.activation_dropout, rng, 2)
-        x = self.final_layer_norm(x + _dropout(self.fc2(h), cfg.dropout, rng, 3))
+        x = self.encoder_attn_layer_norm(x + dropout(a, cfg.dropout, rng, 1))
+        h = dropout(jax.nn.relu(self.fc1(x)), cfg.activation_dropout, rng, 2)
+        x = self.final_layer_norm(x + dropout(self.fc2(h), cfg.dropout, rng, 3))
         return x, rows
 
 
-def _want_rows(cfg: DetrConfig, part: str) -> frozenset[int]:
+def rows_wanted(cfg: DetrConfig, part: str) -> frozenset[int]:
     if not cfg.interaction_constraint or cfg.interaction_in != part:
         return frozenset()
     return frozenset(cfg.resolved_align_layers())
 
 
-def _fold(rng, i):
+def fold_rng(rng, i):
     return None if rng is None else jax.random.fold_in(rng, i)
 
 
@@ -351,9 +351,9 @@ class Encoder(nnx.Module):
         self.layers = nnx.List([EncoderLayer(cfg, rngs, interaction=inter) for _ in range(cfg.encoder_layers)])
 
     def __call__(self, x, pos, key_mask, rng):
-        want, rows = _want_rows(self.cfg, "encoder_self"), []
+        want, rows = rows_wanted(self.cfg, "encoder_self"), []
         for i, layer in enumerate(self.layers):
-            x, r = layer(x, pos, key_mask, _fold(rng, i), want_rows=i in want)
+            x, r = layer(x, pos, key_mask, fold_rng(rng, i), want_rows=i in want)
             if r is not None:
                 rows.append(r)
         return x, rows
@@ -364,15 +364,15 @@ class Decoder(nnx.Module):
         self.cfg = cfg
         inter = cfg.interaction_queries and cfg.interaction_in == "decoder_cross"
         self.layers = nnx.List([DecoderLayer(cfg, rngs, interaction=inter) for _ in range(cfg.decoder_layers)])
-        self.layernorm = _layernorm(cfg, rngs)
+        self.layernorm = layer_norm(cfg, rngs)
 
     def __call__(self, query_pos, memory, pos, key_mask, rng):
         """Returns ([L or 1, B, Q, D] normalised layer outputs, C rows of the align layers)."""
         cfg = self.cfg
         x = jnp.zeros_like(query_pos)
-        want, rows, outs = _want_rows(cfg, "decoder_cross"), [], []
+        want, rows, outs = rows_wanted(cfg, "decoder_cross"), [], []
         for i, layer in enumerate(self.layers):
-            x, r = layer(x, query_pos, memory, pos, key_mask, _fold(rng, i), want_rows=i in want)
+            x, r = layer(x, query_pos, memory, pos, key_mask, fold_rng(rng, i), want_rows=i in want)
             if r is not None:
                 rows.append(r)
             if cfg.auxiliary_outputs or i == len(self.layers) - 1:
@@ -436,11 +436,11 @@ class Detr(nnx.Module):
         pos = sine_position_embedding(mask, cfg.hidden_size // 2).astype(dtype)
         x = self.input_projection(feats.astype(dtype)).reshape(b, h * w, cfg.hidden_size)
         key_mask = mask.reshape(b, h * w)
-        x = _dropout(x, cfg.dropout, rng, 0)
-        memory, enc_rows = self.encoder(x, pos, key_mask, _fold(rng, 1))
+        x = dropout(x, cfg.dropout, rng, 0)
+        memory, enc_rows = self.encoder(x, pos, key_mask, fold_rng(rng, 1))
         query_pos = self.query_position_embeddings.weight[...].astype(dtype)
         query_pos = jnp.broadcast_to(query_pos, (b, cfg.num_queries, cfg.hidden_size))
-        states, dec_rows = self.decoder(query_pos, memory, pos, key_mask, _fold(rng, 2))
+        states, dec_rows = self.decoder(query_pos, memory, pos, key_mask, fold_rng(rng, 2))
         logits = self.class_labels_classifier(states).astype(jnp.float32)
         boxes = jax.nn.sigmoid(self.bbox_predictor(states).astype(jnp.float32))
         rows = enc_rows or dec_rows
@@ -461,3 +461,7 @@ def count_params(cfg: DetrConfig, *, include_frozen_stats: bool = False) -> int:
     abstract = nnx.eval_shape(lambda: Detr(cfg, rngs=nnx.Rngs(0)))
     flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
     return sum(math.prod(v.shape) for path, v in flat if include_frozen_stats or "normalization" not in path)
+
+
+# Earlier private spellings, kept importable for lfi_jax.models.conditional_detr.
+_dropout, _fold, _layernorm, _want_rows = dropout, fold_rng, layer_norm, rows_wanted
