@@ -6,6 +6,7 @@
   tfds:NAME              a TFDS catalog data set (needs tensorflow_datasets, imported lazily)
   coco:PATH              COCO detection (lfi_jax/data/coco.py)
   shortcut_digits_det    the embedded detection benchmark (lfi_jax/data/shortcut_digits_det.py)
+  voc:PATH               PASCAL VOC detection, a VOCdevkit year directory (lfi_jax/data/voc.py)
 
 Each kind is a `SourceKind` in `SOURCE_KINDS` (a build function, whether the spec's argument
 is a path or a name, and which options change the images: what a teacher store must match).
@@ -32,7 +33,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from lfi_jax.data import coco, shortcut_digits_det
+from lfi_jax.data import coco, shortcut_digits_det, voc
 from lfi_jax.data.files import IMAGE_EXTENSIONS, check_index, decode_image, file_fingerprint, is_image, require_dir
 from lfi_jax.data.shortcut_digits import ShortcutDigits
 from lfi_jax.data.shortcut_digits import image_options as shortcut_digits_image_options
@@ -293,6 +294,7 @@ SOURCE_KINDS: dict[str, SourceKind] = {
     # detection sources (records with "boxes" and "labels" [K], no image-level "label")
     "coco": SourceKind(coco.build_coco_source, "PATH", path_options=coco.PATH_OPTIONS),
     "shortcut_digits_det": SourceKind(shortcut_digits_det.build_source, "", shortcut_digits_det.image_options),
+    "voc": SourceKind(voc.build_voc_source, "PATH", voc.image_options),
 }
 
 
