@@ -257,3 +257,57 @@ def test_parameter_count_of_conditional_detr_r50():
     # I-Conditional-DETR: + one D x D + bias interaction query and one gate per decoder layer
     n_i = count_params(iconditional_detr_config(cfg))
     assert n_i - n == 6 * (256 * 256 + 256) + 6 * 8 * (2 * 8 + 8 + 8 * 2 + 2)
+
+
+def _micro_random(**kw):
+    """A very small I-Conditional-DETR with NumPy-drawn parameters (eager random init is slow)."""
+    from lfi_jax.models.convert.conditional_detr import _shapes, fill_conditional_detr
+    from lfi_jax.models.resnet import ResNetConfig
+
+    base = dict(backbone=ResNetConfig(embedding_size=4, hidden_sizes=(4, 8, 8, 8), depths=(1, 1, 1, 1)),
+                hidden_size=8, encoder_layers=1, decoder_layers=2, encoder_heads=2, decoder_heads=2,
+                encoder_ffn_dim=8, decoder_ffn_dim=8, num_queries=3, num_classes=2)
+    base.update(kw)
+    cfg = iconditional_detr_config(ConditionalDetrConfig(**base))
+    rng = np.random.default_rng(0)
+    values = {}
+    for path, shape in _shapes(cfg):
+        if path[-1] == "running_var":
+            v = 0.5 + rng.random(shape)
+        elif path[-1] == "scale" or "normalization" in path and path[-1] == "weight":
+            v = 1.0 + 0.1 * rng.normal(size=shape)
+        elif path[-1] in ("bias", "running_mean", "b1", "b2"):
+            v = 0.1 * rng.normal(size=shape)
+        elif path[-1] == "weight":
+            v = rng.normal(size=shape)
+        else:
+            v = rng.normal(size=shape) / math.sqrt(math.prod(shape[:-1]))
+        values[path] = v.astype(np.float32)
+    return fill_conditional_detr(cfg, values)
+
+
+def test_dropout_only_with_an_rng_and_the_interaction_parts_get_gradients():
+    """(interaction_in="encoder_self" is DETR's encoder, tested in tests/test_detr.py.)"""
+    model = _micro_random(dropout=0.3)
+    _, _, x, m = _inputs(((40, 40), (24, 32)))
+    graphdef, params = nnx.split(model, nnx.Param)
+
+    def value(out):
+        return jnp.sum(out.logits ** 2) + jnp.sum(out.pred_boxes) + jnp.sum(out.aux_logits ** 2)
+
+    def loss(params, rng):
+        return value(nnx.merge(graphdef, params)(x, m, rng=rng))
+
+    f = jax.jit(jax.value_and_grad(loss))
+    a, grads = f(params, jax.random.key(0))
+    assert f(params, jax.random.key(0))[0] == a and abs(float(f(params, jax.random.key(1))[0] - a)) > 1e-4
+    plain = forward(model, x, m)
+    assert _max_diff(plain, forward(model, x, m)) == 0.0  # no rng: no dropout
+    out = forward(model, x, m)
+    nk = int(out.key_mask.shape[1])
+    assert out.agt_rows.shape == (2, 2, 2, 3, nk) and out.query_mask is None
+    norms = {path: float(jnp.max(jnp.abs(g.get_value()))) for path, g in nnx.to_flat_state(grads)}
+    assert max(v for p, v in norms.items() if "normalization" in p) == 0.0  # frozen BatchNorm
+    parts = ("interaction_query", "gate", "ca_qpos_sine_proj", "ref_point_head", "query_scale", "convolution")
+    for part in parts:
+        assert max(v for p, v in norms.items() if part in p) > 0.0, part
