@@ -49,6 +49,7 @@ def test_rle_round_trip_and_counts():
     # an uncompressed RLE (list counts) is compressed to the same mask
     unc = {"size": [13, 17], "counts": np_runs(masks[2])}
     np.testing.assert_array_equal(decode_rle(unc, (13, 17), "x"), masks[2].astype(np.uint8))
+    assert compress_rle(unc, (13, 17), "x") == rles[2]
 
 
 def test_rle_wrong_size_is_an_error():

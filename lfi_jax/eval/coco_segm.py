@@ -11,7 +11,8 @@ truth exists. `SegmMetrics.as_dict(split)` gives the metrics.jsonl keys, e.g.
 `results` COCO result dicts with "image_id", "category_id", "score" and "segmentation" (an
 RLE, e.g. from `lfi_jax.detection.masks.to_coco_segm_results`) or a results JSON path.
 Before COCOeval runs, every ground-truth segmentation and every result RLE is checked
-against its image's size (`lfi_jax.detection.masks.annotation_rle` / `compress_rle`): an RLE
+against its image's size (`lfi_jax.detection.masks.annotation_rle` / `compress_rle`; a result's
+compressed string by its "size" only, see `compress_rle`'s check_counts): an RLE
 of the wrong size, an annotation without a segmentation or a polygon outside the image is a
 ValueError naming the file (`where`, default the JSON path or "ground truth"), the image id
 and the annotation id (or the result's index).
@@ -72,7 +73,7 @@ def _checked_results(coco_gt, results: Sequence[Mapping[str, Any]], where: str) 
         if "segmentation" not in r or not isinstance(r["segmentation"], Mapping):
             raise ValueError(f"{what}: a segm result needs an RLE 'segmentation'")
         im = coco_gt.imgs[iid]
-        rle = compress_rle(r["segmentation"], (int(im["height"]), int(im["width"])), what)
+        rle = compress_rle(r["segmentation"], (int(im["height"]), int(im["width"])), what, check_counts=False)
         out.append({k2: v for k2, v in r.items() if k2 not in ("segmentation", "bbox", "area")} | {"segmentation": rle})
     return out
 
