@@ -186,7 +186,7 @@ def run_throughput(args) -> str:
             c.optim.freeze, c.optim.trainable = PAPER_FREEZE, PAPER_TRAINABLE
         c.batch_size = args.batch_per_device * len(devices)
         c.mesh.shape = (-1, 1)
-        mcfg = ModelConfig(**{**c.model.to_dict(), "gate_bias_init": tuple(c.model.gate_bias_init)})
+        mcfg = ModelConfig(**c.model.to_dict())  # ModelConfig makes the tuples itself
         flops = 2.0 * macs(mcfg)["total"]
         _, step_s, _, _, _ = _measure(c, devices, _batch(c, c.batch_size), args.steps, args.warmup)
         ips = c.batch_size / step_s

@@ -27,15 +27,16 @@ import os
 import re
 from typing import Any
 
+import grain.checkpoint as gc
 import jax
 import orbax.checkpoint as ocp
+
+from lfi_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
 def _grain_args():
-    import grain.checkpoint as gc
-
     return gc.CheckpointSave, gc.CheckpointRestore
 
 
@@ -60,9 +61,7 @@ class Checkpointer:
     def complete_steps(self) -> list[int]:
         """The steps whose checkpoint is completely written (finalized) on disk, ascending; an
         interrupted or still-running save is not among them."""
-        if not os.path.isdir(self.directory):
-            return []
-        return sorted(ocp.path.step.checkpoint_steps(self.directory))
+        return complete_steps(self.directory)
 
     def is_complete(self, step: int) -> bool:
         """Whether the checkpoint of `step` is completely written (finalized) on disk."""
@@ -74,8 +73,8 @@ class Checkpointer:
             raise FileNotFoundError(f"no checkpoints in {self.directory}")
         if step is None:
             return steps[-1]
-        if int(step) not in steps:
-            raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory} (it has {steps})")
+        if int(step) not in steps:  # a step the user asked for (--step): their error to fix
+            raise UserError(f"no checkpoint of step {step} in {self.directory} (it has {steps})")
         return int(step)
 
     def _mismatch(self, step: int, e: Exception) -> CheckpointMismatch:
@@ -164,6 +163,16 @@ class Checkpointer:
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def complete_steps(directory: str) -> list[int]:
+    """The completely written (finalized) checkpoint steps in `directory`, ascending ([] when it
+    does not exist); reads the directory only (no checkpoint manager is made). Orbax writes a
+    step into `<step>.orbax-checkpoint-tmp-*` and renames it to `<step>` when it is complete
+    (on object stores, where there is no rename, it marks it with `<step>/commit_success.txt`)."""
+    if not os.path.isdir(directory):
+        return []
+    return sorted(ocp.path.step.checkpoint_steps(directory))
 
 
 def _get_state(data_iter) -> Any:

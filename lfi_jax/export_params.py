@@ -36,11 +36,16 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx, serialization
 
 from lfi_jax.cli import add_debug_flag, run_cli
 from lfi_jax.config import load_config_file
 from lfi_jax.fileio import atomic_write, write_json_atomic
+from lfi_jax.metrics import setup_logging
+from lfi_jax.models.config import ModelConfig
+from lfi_jax.models.convert import load_hf_vit, save_hf
 from lfi_jax.models.convert import names as convert_names
+from lfi_jax.models.vit import ViT
 from lfi_jax.run import RUN_INFO_FILE, load_config, load_run
 from lfi_jax.tasks.registry import get_task
 
@@ -59,8 +64,6 @@ def load_run_config(workdir: str, config: str | None = None):
 
 def restore_params(workdir: str, config=None, *, step: int | None = None):
     """(model, step): the checkpoint's parameters in a model on one local device."""
-    from flax import nnx
-
     run = load_run(workdir, step=step, devices=jax.local_devices()[:1], config=config)
     return nnx.merge(run.graphdef, run.params), run.step
 
@@ -139,16 +142,12 @@ def export(
     if prep is not None:
         info["preprocessing"] = prep
     if fmt == "safetensors":
-        from lfi_jax.models.convert import save_hf
-
         save_hf(model, out, id2label=dict(enumerate(labels)) if labels is not None else None)
         files = ["config.json", "model.safetensors"]
         if prep is not None:
             write_json_atomic(os.path.join(out, "preprocessor_config.json"), hf_preprocessor_config(prep), indent=2)
             files.append("preprocessor_config.json")
     else:
-        from flax import serialization
-
         blob = serialization.msgpack_serialize(flat_params(model))
         atomic_write(os.path.join(out, "params.msgpack"), blob)
         cfg = dataclasses.asdict(model.cfg)
@@ -161,17 +160,9 @@ def export(
 def load_exported(directory: str):
     """A ViT from a directory written by `export` (either format)."""
     if os.path.exists(os.path.join(directory, "params.msgpack")):
-        import jax
-        from flax import nnx, serialization
-
-        from lfi_jax.models.vit import ModelConfig, ViT
-
         with open(os.path.join(directory, "model_config.json")) as f:
             raw = json.load(f)
-        for key in ("gate_bias_init", "align_layers"):
-            if raw.get(key) is not None:
-                raw[key] = tuple(raw[key])
-        cfg = ModelConfig(**raw)
+        cfg = ModelConfig(**raw)  # makes tuples of JSON lists itself
         with open(os.path.join(directory, "params.msgpack"), "rb") as f:
             flat = serialization.msgpack_restore(f.read())
         model = nnx.eval_shape(lambda: ViT(cfg, rngs=nnx.Rngs(0)))
@@ -187,8 +178,6 @@ def load_exported(directory: str):
         for path, v in nnx.to_flat_state(abstract):
             v.set_value(jax.numpy.asarray(flat["/".join(str(p) for p in path)]))
         return nnx.merge(graphdef, abstract)
-    from lfi_jax.models.convert import load_hf_vit
-
     model, _ = load_hf_vit(directory)
     return model
 
@@ -202,8 +191,6 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default=None, help="the run's config file[:arg] (default: WORKDIR/config.json)")
     add_debug_flag(ap)
     args = ap.parse_args(argv)
-
-    from lfi_jax.metrics import setup_logging
 
     setup_logging()
     config = load_run_config(args.workdir, args.config)

@@ -8,15 +8,7 @@ from typing import Any
 import jax
 import optax
 
-
-def path_str(path) -> str:
-    parts = []
-    for p in path:
-        key = getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))
-        parts.append(str(key))
-    if parts and parts[-1] == "value":  # the leaf inside an nnx Variable
-        parts.pop()
-    return "/".join(parts)
+from lfi_jax.sharding import path_str
 
 
 def trainable_mask(params: Any, freeze=(), trainable=()) -> Any:
@@ -65,3 +57,6 @@ def make_optimizer(optim_cfg, total_steps: int, params: Any):
     labels = jax.tree.map(lambda m: "train" if m else "freeze", mask)
     tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
     return tx, lr, mask
+
+
+__all__ = ["make_optimizer", "path_str", "schedule", "trainable_mask"]

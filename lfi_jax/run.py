@@ -30,6 +30,7 @@ import ml_collections
 
 from lfi_jax import sharding as shd
 from lfi_jax.checkpoint import Checkpointer, abstract_like
+from lfi_jax.config import base_config
 from lfi_jax.errors import UserError
 from lfi_jax.fileio import write_json_atomic
 from lfi_jax.tasks import Task
@@ -174,9 +175,17 @@ def _resumable(key: str) -> bool:
 
 
 def config_changes(stored, new) -> dict[str, tuple[Any, Any]]:
-    """{key: (stored value, new value)} for every key that differs (None = absent)."""
+    """{key: (stored value, new value)} for every key that differs (None = absent). A key the
+    stored config lacks but whose new value is `base_config()`'s default is no change: the
+    config grew a key after the run was made."""
     a, b = config_values(stored), config_values(new)
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    defaults = config_values(base_config())
+    out = {}
+    for k in sorted(set(a) | set(b)):
+        if a.get(k) == b.get(k) or (k not in a and k in defaults and b.get(k) == defaults[k]):
+            continue
+        out[k] = (a.get(k), b.get(k))
+    return out
 
 
 def _short(v: Any) -> str:

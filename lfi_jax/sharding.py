@@ -108,11 +108,16 @@ def param_spec(shape: Sequence[int], mesh, *, fsdp_min_size: int = 2**16, path: 
     return P(*spec) if any(a is not None for a in spec) else P()
 
 
-def _path_str(path) -> str:
+def path_str(path) -> str:
+    """A pytree key path as "/"-joined names ('encoder/layer/3/attention/query/kernel'), the
+    trailing "value" of an nnx Variable dropped: the one parameter-path formatter of the
+    sharding rules and the optimizer's freeze patterns."""
     parts = []
     for p in path:
         key = getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))
         parts.append(str(key))
+    if parts and parts[-1] == "value":  # the leaf inside an nnx Variable
+        parts.pop()
     return "/".join(parts)
 
 
@@ -121,7 +126,7 @@ def tree_shardings(tree: Any, mesh, *, fsdp_min_size: int = 2**16):
 
     def one(path, x):
         shape = getattr(x, "shape", ())
-        return NamedSharding(mesh, param_spec(shape, mesh, fsdp_min_size=fsdp_min_size, path=_path_str(path)))
+        return NamedSharding(mesh, param_spec(shape, mesh, fsdp_min_size=fsdp_min_size, path=path_str(path)))
 
     return jax.tree_util.tree_map_with_path(one, tree)
 
@@ -147,7 +152,7 @@ def describe(tree: Any, shardings: Any) -> dict[str, str]:
     out = {}
     for (path, _), s in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(shardings), strict=True):
         if any(a is not None for a in s.spec):
-            out[_path_str(path)] = str(s.spec)
+            out[path_str(path)] = str(s.spec)
     return out
 
 

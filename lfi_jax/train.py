@@ -125,7 +125,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     changes = check_resume(workdir, config)
     mesh = shd.make_mesh(config.mesh)
     source = task.source(config, config.data.train_split)
-    report = validate_for_training(config, mesh, source, teacher=False)  # before a store is built
+    report = validate_for_training(  # before a store is built
+        config, mesh, source, teacher=False, open_source=lambda spec, split, options: task.source(config, split)
+    )
     store = resolve_store(config, workdir)  # may build the oracle store the config asks for
     teacher_path, missing = check_teacher(config, source, store)
     report = dataclasses.replace(report, teacher=teacher_path, teacher_missing=missing)

@@ -68,7 +68,7 @@ def _by_path(tree):
     """{"/"-joined parameter path: leaf} (the trailing "value" of an NNX variable dropped)."""
     out = {}
     for path, x in jax.tree_util.tree_leaves_with_path(tree):
-        parts = shd._path_str(path).split("/")
+        parts = shd.path_str(path).split("/")
         out["/".join(parts[:-1] if parts[-1] == "value" else parts)] = x
     return out
 
