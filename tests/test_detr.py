@@ -7,6 +7,7 @@ missing mask or a swapped LayerNorm shows up far above the 1e-4 tolerance.
 """
 
 import argparse
+import dataclasses
 import math
 
 import jax
@@ -21,6 +22,7 @@ from flax import nnx  # noqa: E402
 from lfi_jax.compare import detr as compare_detr_mod  # noqa: E402
 from lfi_jax.compare.detr import forward  # noqa: E402
 from lfi_jax.models.convert.detr import (  # noqa: E402
+    detr_from_checkpoint,
     fill_detr,
     idetr_from_detr,
     load_hf_detr,
@@ -28,6 +30,7 @@ from lfi_jax.models.convert.detr import (  # noqa: E402
     param_shapes,
     save_hf_detr,
 )
+from lfi_jax.models.convert.io import CheckpointError  # noqa: E402
 from lfi_jax.models.detr import (  # noqa: E402
     PRETRAINED_GATE_BIAS,
     Detr,
@@ -140,6 +143,31 @@ def test_save_and_load_round_trip(hf_dir, tmp_path):
     assert set(a) == set(b) and any("interaction_query" in p for p in a) and any("gate" in p for p in a)
     for p in a:
         np.testing.assert_array_equal(np.asarray(a[p].get_value()), np.asarray(b[p].get_value()), err_msg=str(p))
+
+
+def test_class_rows_keep_the_pretrained_head_for_a_subset_of_classes(hf_dir):
+    """As for the released 92-way COCO head and a source's contiguous classes (category ids)."""
+    model, cfg = load_hf_detr(hf_dir, class_rows=[3, 0, 4])
+    assert cfg.num_classes == 3
+    pixels, mask, x, m = _inputs()
+    out = forward(model, x, m)
+    hf = transformers.DetrForObjectDetection.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        ref = hf(pixel_values=torch.from_numpy(pixels), pixel_mask=torch.from_numpy(mask))
+    np.testing.assert_allclose(np.asarray(out.logits), ref.logits.numpy()[..., [3, 0, 4, 5]], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="class_rows"):
+        load_hf_detr(hf_dir, class_rows=[7])
+
+
+def test_detr_from_checkpoint_for_a_run(hf_dir):
+    _, cfg = load_hf_detr(hf_dir)
+    model = detr_from_checkpoint(hf_dir, idetr_config(cfg, gate_bias_init=PRETRAINED_GATE_BIAS, num_classes=2), seed=0)
+    attn = model.decoder.layers[1].encoder_attn
+    np.testing.assert_array_equal(np.asarray(attn.interaction_query.kernel[...]), np.asarray(attn.q_proj.kernel[...]))
+    np.testing.assert_array_equal(np.asarray(attn.gate.b2[...])[0], PRETRAINED_GATE_BIAS)
+    assert model.class_labels_classifier.kernel.shape == (cfg.hidden_size, 3)
+    with pytest.raises(CheckpointError, match="model.num_queries=7 in the config, 6 in the checkpoint"):
+        detr_from_checkpoint(hf_dir, dataclasses.replace(cfg, num_queries=7))
 
 
 def _max_diff(a, b):

@@ -29,7 +29,7 @@ import dataclasses
 import functools
 import os
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -313,7 +313,8 @@ def save_hf_detr(model: Detr, directory: str, *, id2label: Mapping[int, str] | N
 
 
 @functools.lru_cache(maxsize=16)
-def _shapes(cfg: DetrConfig) -> tuple[tuple[Path, tuple], ...]:
+def param_shapes(cfg: DetrConfig) -> tuple[tuple[Path, tuple], ...]:
+    """((our path, shape), ...) of every parameter of an architecture (cached, from shapes only)."""
     abstract = nnx.eval_shape(lambda: Detr(cfg, rngs=nnx.Rngs(0)))
     return tuple((tuple(p), tuple(v.shape)) for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
 
@@ -321,7 +322,7 @@ def _shapes(cfg: DetrConfig) -> tuple[tuple[Path, tuple], ...]:
 def expected_tensors(cfg: DetrConfig) -> dict[str, tuple[Path, tuple]]:
     """{checkpoint name: (our path, checkpoint shape)} of an architecture."""
     out = {}
-    for p, shape in _shapes(cfg):
+    for p, shape in param_shapes(cfg):
         if p[-1] == "kernel":
             shape = shape[::-1] if len(shape) == 2 else (shape[3], shape[2], shape[0], shape[1])
         out[hf_name(p)] = (p, shape)
@@ -338,6 +339,7 @@ def load_hf_detr(
     *,
     interaction: bool | Mapping[str, Any] = False,
     num_classes: int | None = None,
+    class_rows: Sequence[int] | None = None,
     seed: int = 0,
     **overrides: Any,
 ) -> tuple[Detr, DetrConfig]:
@@ -345,7 +347,10 @@ def load_hf_detr(
 
     interaction: True (or a dict of I-DETR switches) makes an I-DETR from the DETR with
     Wq' = Wq and the pretrained gate bias [-4, +4] (`idetr_from_detr`). num_classes: a new,
-    freshly initialised class head of that size. overrides: other DetrConfig fields that do
+    freshly initialised class head of that size. class_rows: instead, keep the pretrained head's
+    rows for these classes in this order (and its no-object row last): e.g. the COCO category
+    ids of a source's contiguous classes (`source.category_ids`) for the released 92-way head.
+    overrides: other DetrConfig fields that do
     not change the parameters (dtype, dropout, attn_impl, auxiliary_outputs, ...).
     """
     hf = read_json(directory)
@@ -369,7 +374,20 @@ def load_hf_detr(
                 lines.extend(f"    {x}" for x in items[:20] + more)
         raise CheckpointError("\n".join(lines))
     params = {path: from_hf_array(path, sd[name]) for name, (path, _) in expected.items()}
-    if num_classes is not None and num_classes != cfg.num_classes:
+    if class_rows is not None:
+        rows = [int(r) for r in class_rows]
+        bad = [r for r in rows if not 0 <= r < cfg.num_classes]
+        if bad or not rows:
+            raise ValueError(f"load_hf_detr({directory}): class_rows {bad or rows} outside the checkpoint's "
+                             f"{cfg.num_classes} classes")
+        if num_classes is not None and num_classes != len(rows):
+            raise ValueError(f"load_hf_detr: num_classes={num_classes} but {len(rows)} class_rows")
+        take = np.asarray(rows + [cfg.num_classes])  # the no-object logit stays last
+        head = ("class_labels_classifier",)
+        params[head + ("kernel",)] = params[head + ("kernel",)][:, take]
+        params[head + ("bias",)] = params[head + ("bias",)][take]
+        cfg = dataclasses.replace(cfg, num_classes=len(rows))
+    elif num_classes is not None and num_classes != cfg.num_classes:
         cfg = dataclasses.replace(cfg, num_classes=int(num_classes))
         params = {p: v for p, v in params.items() if p[0] != "class_labels_classifier"}
     try:
@@ -391,11 +409,13 @@ ARCHITECTURE_FIELDS = ("backbone", "hidden_size", "encoder_layers", "decoder_lay
                        "decoder_heads", "encoder_ffn_dim", "decoder_ffn_dim", "num_queries")
 
 
-def detr_from_checkpoint(directory: str, mcfg: DetrConfig, *, seed: int = 0) -> Detr:
+def detr_from_checkpoint(directory: str, mcfg: DetrConfig, *, seed: int = 0,
+                         class_rows: Sequence[int] | None = None) -> Detr:
     """The model of architecture `mcfg` initialised from a DETR checkpoint directory (a run's
     `init`): every DETR tensor copied (a class head of another size fresh), and for an I-DETR
-    `mcfg` the interaction queries Wq' = Wq and the gates at `mcfg.gate_bias_init`."""
-    detr, cfg = load_hf_detr(directory, num_classes=mcfg.num_classes, seed=seed)
+    `mcfg` the interaction queries Wq' = Wq and the gates at `mcfg.gate_bias_init`. class_rows:
+    keep those rows of the pretrained class head (see `load_hf_detr`)."""
+    detr, cfg = load_hf_detr(directory, num_classes=mcfg.num_classes, class_rows=class_rows, seed=seed)
     if cfg.interaction_queries:
         raise CheckpointError(f"{directory} holds an I-DETR; start runs from a DETR checkpoint")
     for f in ARCHITECTURE_FIELDS:
@@ -422,6 +442,7 @@ __all__ = [
     "idetr_from_detr",
     "load_hf_detr",
     "normalize_hf_detr_names",
+    "param_shapes",
     "save_hf_detr",
     "to_hf_array",
     "to_hf_detr_state_dict",
