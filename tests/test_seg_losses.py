@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from lfi_jax.detection.seg_losses import dice_loss, mask_losses, resize_bilinear, sigmoid_focal_loss
-from lfi_jax.detection.types import Match
+from lfi_jax.detection.seg_losses import (
+    dice_loss,
+    mask_losses,
+    resize_bilinear,
+    segmentation_criterion,
+    sigmoid_focal_loss,
+)
+from lfi_jax.detection.types import DetectionPredictions, DetectionTargets, Match
 
 
 def np_focal(x, t, num_boxes, alpha=0.25, gamma=2.0):
@@ -133,3 +139,34 @@ def test_mask_losses_shape_mismatch():
     match = Match(jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2), bool), -jnp.ones((1, 3), jnp.int32))
     with pytest.raises(ValueError, match="disagree"):
         mask_losses(jnp.zeros((1, 3, 4, 4)), jnp.zeros((1, 5, 8, 8)), match, 1.0)
+
+
+def test_segmentation_criterion_uses_the_last_layer_matching():
+    # targets' boxes equal one query's box each and its logits favour the target's class, so the
+    # Hungarian assignment is known by construction: target t of image b -> query perm[b][t]
+    rng = np.random.default_rng(3)
+    b, q, t, c, h, w = 2, 5, 2, 3, 6, 6
+    tboxes = np.array([[[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]], [[0.5, 0.5, 0.4, 0.4], [0.2, 0.8, 0.1, 0.2]]],
+                      np.float32)
+    labels = np.array([[0, 2], [1, 1]], np.int32)
+    valid = np.array([[True, True], [True, False]])
+    perm = [[3, 1], [0, 4]]
+    boxes = np.tile(np.float32([0.9, 0.1, 0.05, 0.05]), (b, q, 1))
+    logits = np.zeros((b, q, c + 1), np.float32)
+    logits[..., c] = 3.0
+    for bi in range(b):
+        for ti in range(t):
+            boxes[bi, perm[bi][ti]] = tboxes[bi, ti]
+            logits[bi, perm[bi][ti], labels[bi, ti]] = 5.0
+    pred_masks = rng.normal(0, 2, (b, q, h, w)).astype(np.float32)
+    tmasks = (rng.random((b, t, h, w)) < 0.5).astype(np.float32)
+    preds = DetectionPredictions(jnp.asarray(logits), jnp.asarray(boxes))
+    targets = DetectionTargets(jnp.asarray(labels), jnp.asarray(tboxes), jnp.asarray(valid))
+    out = segmentation_criterion(preds, jnp.asarray(pred_masks), targets, jnp.asarray(tmasks), num_classes=c)
+    pairs = [(bi, ti) for bi in range(b) for ti in range(t) if valid[bi, ti]]
+    src = np.stack([pred_masks[bi, perm[bi][ti]].ravel() for bi, ti in pairs])
+    tg = np.stack([tmasks[bi, ti].ravel() for bi, ti in pairs])
+    np.testing.assert_allclose(float(out.masks.loss_mask), np_focal(src, tg, 3.0), rtol=1e-5)
+    np.testing.assert_allclose(float(out.masks.loss_dice), np_dice(src, tg, 3.0), rtol=1e-5)
+    want_total = float(out.boxes.total) + np_focal(src, tg, 3.0) + np_dice(src, tg, 3.0)
+    np.testing.assert_allclose(float(out.total), want_total, rtol=1e-5)

@@ -21,6 +21,11 @@ contribute nothing. num_boxes is the criterion's (`SetCriterionOutput.num_boxes`
 boxes in the global batch, at least 1; see `lfi_jax.detection.criterion`), so the mask losses
 are normalised like the box losses. DETR weights them 1 and 1 (`mask_loss_coef`,
 `dice_loss_coef`).
+
+`segmentation_criterion` is DETR's segmentation loss of a batch: the box criterion
+(`set_criterion`, every decoder layer) plus the mask losses of the LAST layer's matching (DETR
+computes masks for the last layer only), total = boxes.total + mask_weight * loss_mask +
+dice_weight * loss_dice.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lfi_jax.detection.types import Match
+from lfi_jax.detection.criterion import CriterionWeights, SetCriterionOutput, set_criterion
+from lfi_jax.detection.matcher import MatcherCosts
+from lfi_jax.detection.types import DetectionPredictions, DetectionTargets, Match
 
 
 class MaskLosses(NamedTuple):
@@ -132,12 +139,41 @@ def weighted_mask_loss(losses: MaskLosses, weights: MaskLossWeights = MaskLossWe
     return weights.mask_weight * losses.loss_mask + weights.dice_weight * losses.loss_dice
 
 
+class SegCriterionOutput(NamedTuple):
+    total: jax.Array
+    boxes: SetCriterionOutput
+    masks: MaskLosses
+
+
+def segmentation_criterion(
+    preds: DetectionPredictions,
+    pred_masks: jax.Array,
+    targets: DetectionTargets,
+    target_masks: jax.Array,
+    *,
+    num_classes: int,
+    weights: CriterionWeights = CriterionWeights(),
+    mask_weights: MaskLossWeights = MaskLossWeights(),
+    costs: MatcherCosts = MatcherCosts(),
+    example_mask: jax.Array | None = None,
+    matcher_impl: str = "scipy",
+) -> SegCriterionOutput:
+    """Box criterion + the last layer's mask losses (see the module docstring)."""
+    boxes = set_criterion(preds, targets, num_classes=num_classes, weights=weights, costs=costs,
+                          example_mask=example_mask, matcher_impl=matcher_impl)
+    masks = mask_losses(pred_masks, target_masks, boxes.match, boxes.num_boxes, example_mask=example_mask,
+                        alpha=mask_weights.alpha, gamma=mask_weights.gamma)
+    return SegCriterionOutput(boxes.total + weighted_mask_loss(masks, mask_weights), boxes, masks)
+
+
 __all__ = [
     "MaskLossWeights",
     "MaskLosses",
+    "SegCriterionOutput",
     "dice_loss",
     "mask_losses",
     "resize_bilinear",
+    "segmentation_criterion",
     "sigmoid_focal_loss",
     "weighted_mask_loss",
 ]
