@@ -309,6 +309,26 @@ def test_masked_cross_attention_lowers_for_accelerators(platform, backend, marke
     assert text.count(marker) >= 3
 
 
+@pytest.mark.parametrize("platform, backend", [("cuda", "gpu"), ("tpu", "tpu")])
+@pytest.mark.parametrize("precision", ["highest", "default"])
+def test_float32_precision_choices_lower(platform, backend, precision):
+    """float32 inputs: IEEE dots ("highest") or TF32 / single-pass bf16 ("default") both lower."""
+
+    def fwd_bwd(*a):
+        fn = lambda *b: interaction_attention_pallas(*b, backend=backend, interpret=False, precision=precision)  # noqa: E731
+        out, pullback = jax.vjp(fn, *a)
+        return pullback(out)
+
+    args = _abstract("hidden", n=197, dtype=jnp.float32)
+    try:
+        text = jax.jit(fwd_bwd).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    except Exception as e:  # pragma: no cover - depends on the jax build
+        if "Unable to find" in str(e):
+            pytest.skip(f"{platform} lowering unavailable in this jax build: {e}")
+        raise
+    assert text
+
+
 def test_tile_table_and_generations():
     from lfi_jax.ops.pallas import TILES, generation
 
