@@ -2,6 +2,7 @@
 
     python -m lfi_jax.demo --workdir=runs/demo [--seeds=3] [--regime=shortcut] [--models=vit,ivit]
         [--set KEY=VALUE ...]
+    python -m lfi_jax.demo --task=detection --workdir=DIR ...   (DETR vs I-DETR: lfi_jax.demo_detection)
 
 A preset of the experiment runner (lfi_jax.experiments): one cell per model and seed on
 `configs/demo.py` (seed s also draws the data with seed s), trained in WORKDIR/<model>_<regime>_seed<s>
@@ -22,6 +23,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from lfi_jax import demo_detection
 from lfi_jax.cli import run_cli
 from lfi_jax.config import ABLATIONS
 from lfi_jax.data.shortcut_digits import SPURIOUS_PRESETS as REGIMES
@@ -198,6 +200,12 @@ def run_demo(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lfi_jax.demo", description="ViT vs I-ViT on the embedded benchmark.")
+    p.add_argument(
+        "--task",
+        default="classification",
+        choices=("classification", "detection"),
+        help="detection: DETR vs I-DETR (python -m lfi_jax.demo --task=detection --help).",
+    )
     p.add_argument("--workdir", default="runs/demo", help="Output directory.")
     p.add_argument("--seeds", type=int, default=1, help="Number of seeds (0..seeds-1).")
     p.add_argument("--regime", default="shortcut", choices=sorted(REGIMES), help="spurious_p regime (SPEC section 4).")
@@ -217,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(argv: list[str]) -> int:
+    task = argparse.ArgumentParser(add_help=False)
+    task.add_argument("--task", default="classification", choices=("classification", "detection"))
+    t, argv = task.parse_known_args(argv)
+    if t.task == "detection":  # DETR vs I-DETR (lfi_jax.demo_detection)
+        return demo_detection.main(argv)
     a = build_parser().parse_args(argv)
     setup_logging()
     models = [m for m in a.models.split(",") if m]
