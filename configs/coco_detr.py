@@ -88,7 +88,7 @@ def get_config(arg: str = "idetr") -> ml_collections.ConfigDict:
 
     if a.get("mode") == "runlocal":
         c.name = f"digits-det-{model}-runlocal"
-        c.total_steps, c.batch_size, c.eval_batch_size = 4, 4, 4
+        c.total_steps, c.batch_size, c.eval_batch_size = 4, 8, 8  # divisible by up to 8 devices
         c.log_every, c.eval_every, c.checkpoint_every = 1, 0, 2
         c.data.source = "shortcut_digits_det"
         c.data.train_split, c.data.eval_splits = "train", ("val",)

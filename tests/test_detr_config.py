@@ -65,9 +65,10 @@ def test_runlocal_batches_fit_the_model_and_the_loss_traces():
 
 @pytest.mark.slow  # compiling a DETR train step takes minutes on a loaded CPU
 def test_runlocal_trains(tmp_path):
+    """Without the constraint (no teacher store needed; `idetr,runlocal` needs a dense one)."""
     from lfi_jax.train import train_and_evaluate
 
-    c = load_config_file("coco_detr", "idetr,runlocal")
+    c = load_config_file("coco_detr", "iq_gc,runlocal")
     c.total_steps, c.checkpoint_every = 2, 0
     out = train_and_evaluate(c, str(tmp_path / "run"))
     assert out is not None
