@@ -8,7 +8,9 @@
 Arguments (comma-separated): the model (detr | iq_gc | ic_only | iq_ic | idetr, default idetr;
 the rows of Table 3 applied to DETR: detr = no interaction, idetr = interaction queries +
 constraint + gated control) and `runlocal` (a tiny DETR on the embedded `shortcut_digits_det`
-benchmark, a few steps: a smoke test of the whole path).
+benchmark, a few steps: a smoke test of the whole path; rows with the constraint need a dense
+teacher store of its train split, `--config.teacher.store=DIR` from the export CLI's oracle_dense
+backend, as start-up validation says).
 
 init.hf is a transformers `DetrForObjectDetection` directory (the released facebook/detr-resnet-50,
 timm backbone layout, is read too). With interaction queries the I-DETR starts from it with
