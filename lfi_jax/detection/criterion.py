@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lfi_jax.detection.boxes import cxcywh_to_xyxy, paired_generalized_box_iou
 from lfi_jax.detection.matcher import MatcherCosts, hungarian_match
@@ -59,7 +60,9 @@ class SetCriterionOutput(NamedTuple):
     num_boxes: jax.Array
 
 
-_UNIT = jnp.array([0.5, 0.5, 1.0, 1.0], jnp.float32)
+# A NumPy constant: a jnp array here would start the JAX backend at import, before
+# jax.distributed.initialize can run in a multi-process job.
+_UNIT = np.array([0.5, 0.5, 1.0, 1.0], np.float32)
 
 
 def layer_losses(
