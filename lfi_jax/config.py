@@ -273,6 +273,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict(
         dict(align_weight=1.0, align_direction="teacher_student", align_eps=1e-6, label_smoothing=0.0)
     )
+    # Choices of the alignment loss (lfi_jax.losses): "per_layer" (SPEC: KL of each layer's
+    # map, averaged) | "layer_mean" (KL of the layer-averaged map); "cls" (SPEC: the CLS row) |
+    # "cls_and_object" (also the rows of the patch queries covering the object).
+    c.loss.align_reduce = "per_layer"
+    c.loss.align_rows = "cls"
+    # "Right for the right reasons" (Ross et al., 2017): weight of the squared input gradients
+    # of the summed log-probabilities outside the teacher's mask (0 = off); a cell is outside
+    # where its map value is <= rrr_threshold * the map's largest value. The teacher maps are
+    # read only with model.interaction_constraint on (for the plain ViT: with align_weight=0).
+    c.loss.rrr_weight = 0.0
+    c.loss.rrr_threshold = 0.0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-3
@@ -353,6 +364,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     if config.teacher.auto not in ("", "oracle"):
         raise UserError(f"config.teacher.auto={config.teacher.auto!r}; expected '' or 'oracle'")
+    lc = config.loss
+    for key, allowed in (("align_reduce", ("per_layer", "layer_mean")), ("align_rows", ("cls", "cls_and_object"))):
+        if lc.get(key, allowed[0]) not in allowed:
+            raise UserError(f"config.loss.{key}={lc[key]!r}; expected one of {allowed}")
+    if float(lc.get("rrr_weight", 0.0)) < 0:
+        raise UserError(f"config.loss.rrr_weight={lc.rrr_weight} must be >= 0")
+    if float(lc.get("rrr_weight", 0.0)) > 0 and not config.model.get("interaction_constraint", False):
+        raise UserError(
+            f"config.loss.rrr_weight={lc.rrr_weight} reads the teacher maps, which are read only with "
+            "config.model.interaction_constraint on: for the plain ViT with the penalty set "
+            "interaction_constraint=True and loss.align_weight=0 (the maps then only feed the penalty)"
+        )
 
 
 # ---- shared by the experiment files in configs/ ----

@@ -4,6 +4,9 @@
     python -m lfi_jax.experiments ablation      ...
     python -m lfi_jax.experiments teacher_noise ...
     python -m lfi_jax.experiments spurious_p    ...
+    python -m lfi_jax.experiments peers         ...   [--regimes shortcut,hard]
+    python -m lfi_jax.experiments choices       ...   [--regimes shortcut]
+    python -m lfi_jax.experiments hard          ...
     python -m lfi_jax.experiments seeds --config configs/demo.py:ivit,shortcut --seeds 3
 
 Experiments (each grid point is trained for every seed 0..N-1):
@@ -13,6 +16,13 @@ Experiments (each grid point is trained for every seed 0..N-1):
   teacher_noise  I-ViT's accuracy against the quality of its teacher: the oracle degraded by
                  blur / shift / uniform mixing (`config.teacher.noise`), with ViT as reference.
   spurious_p     ViT vs I-ViT in the clean / shortcut / hard regimes (SPEC section 4).
+                 teacher_noise takes one regime too (`--regimes shortcut`).
+  peers          RRR (Ross et al., 2017; `loss.rrr_weight`, a small grid) and attention
+                 transfer (the ViT's CLS attention supervised: ablation row ic_only) beside
+                 ViT and I-ViT in the shortcut and hard regimes.
+  choices        one I-ViT setting changed per row (alignment weight 3, gate bias (-4, 4) from
+                 scratch, augmentation off, `loss.align_reduce="layer_mean"`), shortcut regime.
+  hard           the hard regime: I-ViT variants (`loss.align_rows="cls_and_object"`, weight 3).
   seeds          any config (--config) over N seeds.
 
 The base config is `configs/demo.py` (the embedded benchmark; clean regime, except for
@@ -31,7 +41,8 @@ Outputs (atomically written) in `--out` (default docs/experiments): NAME.md (the
 and spread over seeds, with the budget and the wall time), NAME.png and NAME.json (every
 cell's numbers).
 
-Layout: each experiment is a module (data_ratio, ablation, teacher_noise, spurious_p, seeds)
+Layout: each experiment is a module (data_ratio, ablation, teacher_noise, spurious_p, peers,
+choices, hard, seeds)
 with its grid, table and plot functions in an `Experiment` (base.py); cells.py makes a cell's
 config and names its workdir, runner.py trains the cells and writes the outputs, cli.py is the
 command line. The main job (`lfi_jax.demo`) is a preset of the same runner.

@@ -75,6 +75,11 @@ def cell_config(base_path: str, base_arg: str | None, cell: Cell, budget: dict[s
     return config
 
 
+# Loss switches added after cells were first trained: at these values a config is the one it
+# was before they existed, so it keeps its hash (and its finished workdir).
+UNHASHED_DEFAULTS = {"align_reduce": "per_layer", "align_rows": "cls", "rrr_weight": 0.0, "rrr_threshold": 0.0}
+
+
 def canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
 
@@ -95,6 +100,10 @@ def config_hash(config) -> str:
         d.pop(k, None)
     d.get("teacher", {}).pop("store", None)
     d.get("data", {}).pop("num_workers", None)
+    loss = d.get("loss", {})
+    for k, default in UNHASHED_DEFAULTS.items():
+        if k in loss and loss[k] == default:
+            del loss[k]
     return hashlib.sha256(canonical(d).encode()).hexdigest()[:10]
 
 
@@ -108,7 +117,10 @@ def ablation_row(config) -> str:
 
 def config_label(config) -> str:
     """A readable name of what a cell varies: model row, regime, data ratio, teacher noise."""
-    parts = [ablation_row(config)]
+    row = ablation_row(config)
+    if row == "ic_only" and float(config.loss.get("rrr_weight", 0.0)) and not float(config.loss.align_weight):
+        row = "vit"  # an RRR row: the plain ViT reading the teacher only for the penalty
+    parts = [row]
     sp = config.data.options.get("spurious_p", None)
     if sp is not None:
         parts.append(f"p{float(sp):g}")
@@ -120,8 +132,30 @@ def config_label(config) -> str:
             for k in ("blur", "shift", "uniform")
             if float(config.teacher.noise[k])
         ]
+    parts += choice_labels(config)
     parts.append(f"s{int(config.seed)}")
     return "_".join(parts)
+
+
+def choice_labels(config) -> list[str]:
+    """Label parts of the loss switches at non-default values (none at the defaults, so the
+    names of cells trained before the switches existed do not change)."""
+    lc, m = config.loss, config.model
+    parts = []
+    if m.interaction_constraint and float(lc.align_weight) not in (0.0, 1.0):
+        parts.append(f"w{float(lc.align_weight):g}")
+    if m.interaction_queries and m.get("gate_bias_init", None) is not None:
+        parts.append("gate" + ",".join(f"{float(b):g}" for b in m.gate_bias_init))
+    aug = config.data.augment
+    if not aug.random_resized_crop and not aug.hflip:
+        parts.append("noaug")
+    if float(lc.get("rrr_weight", 0.0)):
+        parts.append(f"rrr{float(lc.rrr_weight):g}")
+    if lc.get("align_reduce", "per_layer") != "per_layer":
+        parts.append("layermean")
+    if lc.get("align_rows", "cls") != "cls":
+        parts.append("objrows")
+    return parts
 
 
 def cell_dirname(config) -> str:

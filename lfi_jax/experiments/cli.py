@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import jax
 
 from lfi_jax.cli import run_cli
-from lfi_jax.experiments import ablation, data_ratio, seeds, spurious_p, teacher_noise
+from lfi_jax.experiments import ablation, choices, data_ratio, hard, peers, seeds, spurious_p, teacher_noise
 from lfi_jax.experiments.base import GridOptions
 from lfi_jax.experiments.cells import DEMO_BUDGETS
 from lfi_jax.experiments.runner import DEFAULT_OUT, DEFAULT_WORKDIR, run_experiment
@@ -23,6 +23,9 @@ EXPERIMENTS = {
         ablation.EXPERIMENT,
         teacher_noise.EXPERIMENT,
         spurious_p.EXPERIMENT,
+        peers.EXPERIMENT,
+        choices.EXPERIMENT,
+        hard.EXPERIMENT,
         seeds.EXPERIMENT,
     )
 }
@@ -55,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="teacher_noise only: the noise levels (default blur=1,2,4 shift=1,2 uniform=0.5,0.9)",
     )
     p.add_argument(
-        "--regimes", default=None, help="spurious_p only: comma-separated regimes (default clean,shortcut,hard)"
+        "--regimes",
+        default=None,
+        help="comma-separated regimes: spurious_p (default clean,shortcut,hard), peers (shortcut,hard), "
+        "choices (shortcut), hard (hard), teacher_noise (one regime; default the base config's)",
     )
     return p
 

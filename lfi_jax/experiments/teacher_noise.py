@@ -3,6 +3,7 @@ uniform mixing (`config.teacher.noise`), with ViT as reference."""
 
 from __future__ import annotations
 
+from lfi_jax.data.shortcut_digits import SPURIOUS_PRESETS as REGIMES
 from lfi_jax.eval.figures import model_color, pyplot
 from lfi_jax.experiments.base import Cell, Experiment, GridOptions, Group
 from lfi_jax.experiments.plots import errbar, split_styles
@@ -23,13 +24,22 @@ NOISE_LEVELS = (
 
 
 def grid(opts: GridOptions):
-    cells = [Cell({"model": "vit", "noise": "none", "level": 0.0}, {"ablation": "vit"})]
+    """The curve in the base config's regime, or in the one regime `opts.regimes` names (e.g.
+    `--regimes shortcut`: the cells then set data.options.spurious_p and carry a regime label)."""
+    regime: dict = {}
+    edits0: dict = {}
+    if opts.regimes:
+        if len(opts.regimes) != 1:
+            raise ValueError(f"teacher_noise takes one regime, got --regimes {','.join(opts.regimes)}")
+        (name,) = opts.regimes
+        regime, edits0 = {"regime": name}, {"data.options.spurious_p": REGIMES[name]}
+    cells = [Cell({**regime, "model": "vit", "noise": "none", "level": 0.0}, {"ablation": "vit", **edits0})]
     levels = [("none", 0.0)] + list(opts.noise) if opts.noise else NOISE_LEVELS
     for kind, level in levels:
-        edits = {"ablation": "ivit", **{f"teacher.noise.{k}": 0.0 for k in NOISE_KINDS}}
+        edits = {"ablation": "ivit", **edits0, **{f"teacher.noise.{k}": 0.0 for k in NOISE_KINDS}}
         if kind != "none":
             edits[f"teacher.noise.{kind}"] = float(level)
-        cells.append(Cell({"model": "ivit", "noise": kind, "level": float(level)}, edits))
+        cells.append(Cell({**regime, "model": "ivit", "noise": kind, "level": float(level)}, edits))
     return cells
 
 

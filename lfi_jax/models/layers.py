@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lfi_jax.models.config import DTYPES, ModelConfig
-from lfi_jax.ops import dot_product_attention_with_cls, interaction_attention
+from lfi_jax.ops import dot_product_attention, dot_product_attention_with_cls, interaction_attention
 from lfi_jax.ops.reference import GateParams
 
 
@@ -83,6 +83,8 @@ class Attention(nnx.Module):
     """Self-attention of one layer: plain (IQ off) or interaction attention (IQ on).
 
     `attention(x, want_cls=...)` -> (output [B, N, D], CLS rows [B, H, N] float32 or None).
+    `attention(x, want_rows=True)` -> (output, head-mean rows [B, N, N] float32 of C_agt, or of
+    C_vfm with IQ off): every query's map, for losses on more rows than the CLS one.
     """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
@@ -96,7 +98,7 @@ class Attention(nnx.Module):
             self.interaction_query = dense(d, d, cfg, rngs, bias=cfg.qkv_bias)
             self.gate = Gate(cfg, rngs) if cfg.gated_control else None
 
-    def __call__(self, x: jax.Array, *, want_cls: bool = False):
+    def __call__(self, x: jax.Array, *, want_cls: bool = False, want_rows: bool = False):
         cfg = self.cfg
         b, n, _ = x.shape
 
@@ -107,10 +109,14 @@ class Attention(nnx.Module):
         if cfg.interaction_queries:
             q2 = split(self.interaction_query(x))
             gate = self.gate.params() if self.gate is not None else None
-            o, cls_row = interaction_attention(q, q2, k, v, gate, impl=cfg.attn_impl)
+            o, cls_row = interaction_attention(q, q2, k, v, gate, impl=cfg.attn_impl, return_rows=want_rows)
+        elif want_rows:
+            o, cls_row = dot_product_attention(q, k, v)
         else:
             o, cls_row = dot_product_attention_with_cls(q, k, v)
         o = self.output(o.reshape(b, n, cfg.hidden_size))
+        if want_rows:
+            return o, jnp.mean(cls_row, axis=1)  # [B, H, N, N] -> [B, N, N]
         return o, (cls_row if want_cls else None)
 
 

@@ -92,16 +92,16 @@ class Layer(nnx.Module):
         self.intermediate = Intermediate(cfg, rngs)
         self.output = Output(cfg, rngs)
 
-    def __call__(self, x, want_cls: bool):
-        a, cls_row = self.attention(self.layernorm_before(x), want_cls=want_cls)
+    def __call__(self, x, want_cls: bool, want_rows: bool = False):
+        a, cls_row = self.attention(self.layernorm_before(x), want_cls=want_cls, want_rows=want_rows)
         x = x + a
         x = x + self.output(self.intermediate(self.layernorm_after(x)))
         return x, cls_row
 
 
-def _layer_fn(want_cls: bool):
+def _layer_fn(want_cls: bool, want_rows: bool = False):
     def run(layer, x):
-        return layer(x, want_cls)
+        return layer(x, want_cls, want_rows)
 
     return run
 
@@ -111,19 +111,21 @@ class Encoder(nnx.Module):
         self.cfg = cfg
         self.layer = nnx.List([Layer(cfg, rngs) for _ in range(cfg.depth)])
 
-    def __call__(self, x):
+    def __call__(self, x, attn_rows: bool = False):
+        """(x, [B, L, H, N] CLS rows), or with attn_rows (x, [B, L, N, N] head-mean rows)."""
         cfg = self.cfg
         want = set(cfg.resolved_align_layers()) if cfg.interaction_constraint else set()
         rows = []
         for i, layer in enumerate(self.layer):
             want_cls = i in want
+            want_rows = want_cls and attn_rows
             if cfg.remat:
-                x, row = nnx.remat(_layer_fn(want_cls))(layer, x)
+                x, row = nnx.remat(_layer_fn(want_cls, want_rows))(layer, x)
             else:
-                x, row = layer(x, want_cls)
+                x, row = layer(x, want_cls, want_rows)
             if want_cls:
                 rows.append(row)
-        cls_attn = jnp.stack(rows, axis=1) if rows else None  # [B, L, H, N]
+        cls_attn = jnp.stack(rows, axis=1) if rows else None  # [B, L, H, N] (or [B, L, N, N])
         return x, cls_attn
 
 
@@ -132,8 +134,10 @@ class ViT(nnx.Module):
 
     `model(images)` -> (logits [B, num_classes] float32, aux) where aux["cls_attn"] is
     [B, L_align, H, N] float32 (CLS rows of C_agt, or of C_vfm with IQ off) when the
-    interaction constraint is on, else absent. `model.features(images)` returns the final
-    normalised token sequence [B, N, D].
+    interaction constraint is on, else absent. `model(images, attn_rows=True)` returns instead
+    aux["attn_rows"] [B, L_align, N, N] float32, the head-mean rows of every query (CLS first;
+    the CLS row is row 0), for `loss.align_rows = "cls_and_object"`. `model.features(images)`
+    returns the final normalised token sequence [B, N, D].
     """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -143,15 +147,15 @@ class ViT(nnx.Module):
         self.layernorm = layer_norm(cfg, rngs)
         self.classifier = dense(cfg.hidden_size, cfg.num_classes, cfg, rngs, std=0.0) if cfg.num_classes else None
 
-    def features(self, images):
-        x, cls_attn = self.encoder(self.embeddings(images))
+    def features(self, images, attn_rows: bool = False):
+        x, cls_attn = self.encoder(self.embeddings(images), attn_rows)
         return self.layernorm(x), cls_attn
 
-    def __call__(self, images):
-        x, cls_attn = self.features(images)
+    def __call__(self, images, *, attn_rows: bool = False):
+        x, cls_attn = self.features(images, attn_rows)
         aux = {}
         if cls_attn is not None:
-            aux["cls_attn"] = cls_attn
+            aux["attn_rows" if attn_rows else "cls_attn"] = cls_attn
         if self.classifier is None:
             return x[:, 0].astype(jnp.float32), aux
         return self.classifier(x[:, 0]).astype(jnp.float32), aux

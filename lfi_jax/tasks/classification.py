@@ -13,7 +13,15 @@ from flax import nnx
 
 from lfi_jax.data.pipeline import make_eval_iterator, make_train_iterator
 from lfi_jax.data.sources import get_source
-from lfi_jax.losses import alignment_loss, cross_entropy
+from lfi_jax.losses import (
+    ALIGN_REDUCE,
+    ALIGN_ROWS,
+    alignment_loss,
+    cross_entropy,
+    input_gradients,
+    object_rows_alignment_loss,
+    rrr_penalty,
+)
 from lfi_jax.models.config import ModelConfig, model_config
 from lfi_jax.models.convert import build_model  # fresh, or from init.hf / init.timm
 from lfi_jax.models.vit import ViT
@@ -33,22 +41,53 @@ def load_model(config: ml_collections.ConfigDict, mcfg: ModelConfig, seed: int) 
     return build_model(config, mcfg, seed=seed)
 
 
+def loss_switches(config) -> tuple[float, str, str, float]:
+    """(rrr_weight, align_reduce, align_rows, rrr_threshold) of `config.loss`, with the defaults
+    of configs written before these keys (0 = no RRR penalty, "per_layer", "cls", 0)."""
+    lc = config.loss
+    reduce, rows = str(lc.get("align_reduce", "per_layer")), str(lc.get("align_rows", "cls"))
+    if reduce not in ALIGN_REDUCE:
+        raise ValueError(f"config.loss.align_reduce={reduce!r}; expected one of {ALIGN_REDUCE}")
+    if rows not in ALIGN_ROWS:
+        raise ValueError(f"config.loss.align_rows={rows!r}; expected one of {ALIGN_ROWS}")
+    return float(lc.get("rrr_weight", 0.0)), reduce, rows, float(lc.get("rrr_threshold", 0.0))
+
+
 def loss(model: ViT, batch, config) -> tuple[Any, dict[str, Any]]:
-    logits, aux = model(batch["image"])
-    task = cross_entropy(logits, batch["label"], label_smoothing=config.loss.label_smoothing)
-    if model.cfg.interaction_constraint:
-        align = alignment_loss(
-            aux["cls_attn"],
-            batch["teacher"],
-            batch["teacher_mask"],
-            direction=config.loss.align_direction,
-            eps=config.loss.align_eps,
+    rrr_weight, reduce, rows, threshold = loss_switches(config)
+    want_rows = rows == "cls_and_object" and model.cfg.interaction_constraint
+    if rrr_weight and "teacher" not in batch:
+        raise ValueError(
+            "config.loss.rrr_weight > 0 reads the teacher maps, which the pipeline supplies only with "
+            "model.interaction_constraint on: for the plain ViT set it with loss.align_weight=0"
         )
+
+    def forward(images):
+        return model(images, attn_rows=want_rows)
+
+    if rrr_weight:
+        (logits, aux), grads = input_gradients(forward, batch["image"].astype(jnp.float32))
+        rrr = rrr_penalty(grads, batch["teacher"], model.cfg.grid, batch["teacher_mask"], threshold=threshold)
+    else:
+        logits, aux = forward(batch["image"])
+        rrr = jnp.zeros((), jnp.float32)
+    task = cross_entropy(logits, batch["label"], label_smoothing=config.loss.label_smoothing)
+    kw = dict(direction=config.loss.align_direction, eps=config.loss.align_eps, reduce=reduce)
+    if want_rows:
+        attn = aux["attn_rows"]  # [B, L, N, N] head-mean rows; row 0 is the CLS query's
+        align = alignment_loss(attn[:, :, None, 0, :], batch["teacher"], batch["teacher_mask"], **kw)
+        align = align + object_rows_alignment_loss(attn, batch["teacher"], batch["teacher_mask"], **kw)
+    elif model.cfg.interaction_constraint:
+        align = alignment_loss(aux["cls_attn"], batch["teacher"], batch["teacher_mask"], **kw)
     else:
         align = jnp.zeros((), jnp.float32)
     total = task + config.loss.align_weight * align
+    metrics = {"task_loss": task, "align_loss": align}
+    if rrr_weight:
+        total = total + rrr_weight * rrr
+        metrics["rrr_loss"] = rrr
     acc = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
-    return total, {"task_loss": task, "align_loss": align, "train_accuracy": acc}
+    return total, {**metrics, "train_accuracy": acc}
 
 
 def eval_step(model: ViT, batch) -> dict[str, Any]:
