@@ -1,0 +1,99 @@
+"""The training loop's examples/s against the bare jitted train step's, at the demo size, side
+by side in one run (issue: the loop must be within 5 % of the step).
+
+    python bench/loop.py [--models vit,ivit] [--steps 100] [--log_every 10]
+
+For each model: `lfi_jax.train.train_and_evaluate` on configs/demo.py:<model> for --steps steps
+(the real input pipeline, augmentation and teacher maps; evaluation only at the end on 64 test
+images), its examples/s read from the progress records of metrics.jsonl (the first interval,
+which holds the compilation, left out); then the same config's jitted step alone on one fixed
+device batch (`lfi_jax.trainer.create_trainer`), after a compile step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lfi_jax import sharding as shd  # noqa: E402
+from lfi_jax import train  # noqa: E402
+from lfi_jax.config import load_config_file  # noqa: E402
+from lfi_jax.metrics import read_metrics  # noqa: E402
+from lfi_jax.models.config import model_config  # noqa: E402
+from lfi_jax.trainer import create_trainer  # noqa: E402
+
+
+def demo_config(model: str, steps: int, log_every: int):
+    c = load_config_file("demo", model)
+    c.total_steps = steps
+    c.log_every = log_every
+    c.eval_every = 0
+    c.checkpoint_every = 0
+    c.optim.warmup_steps = min(int(c.optim.warmup_steps), max(steps // 2, 1))
+    c.data.options.num_test = 64
+    c.eval_batch_size = 64
+    return c
+
+
+def loop_rate(config) -> float:
+    with tempfile.TemporaryDirectory() as wd:
+        train.train_and_evaluate(config, wd)
+        rates = [r["examples_per_sec"] for r in read_metrics(wd) if "examples_per_sec" in r]
+    if len(rates) < 2:
+        raise SystemExit("--steps / --log_every leave fewer than two progress intervals")
+    return float(np.mean(rates[1:]))
+
+
+def bare_rate(config, steps: int) -> float:
+    mcfg = model_config(config)
+    mesh = shd.make_mesh(config.mesh, devices=jax.devices()[:1])
+    trainer, init, _ = create_trainer(config, mcfg, mesh, seed=0)
+    state = init()
+    rng = np.random.default_rng(0)
+    b, g = config.batch_size, mcfg.grid[0] * mcfg.grid[1]
+    t = rng.random((b, g)).astype(np.float32)
+    batch = {
+        "image": rng.standard_normal((b, mcfg.image_size, mcfg.image_size, 3)).astype(np.float32),
+        "label": rng.integers(0, mcfg.num_classes, b).astype(np.int32),
+        "teacher": t / t.sum(-1, keepdims=True),
+        "teacher_mask": np.ones(b, np.float32),
+    }
+    gb = shd.global_batch(batch, mesh)
+    state, m = trainer.train_step(state, gb)
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        state, m = trainer.train_step(state, gb)
+    jax.block_until_ready(m)
+    return b * steps / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="vit,ivit")
+    p.add_argument("--steps", type=int, default=100, help="training steps of the loop (and of the bare step)")
+    p.add_argument("--log_every", type=int, default=10)
+    args = p.parse_args()
+    rows = []
+    for model in args.models.split(","):
+        config = demo_config(model, args.steps, args.log_every)
+        loop = loop_rate(config)
+        bare = bare_rate(config, args.steps)
+        rows.append((model, loop, bare))
+    print(f"demo size, batch 64, {args.steps} steps, {jax.device_count()} {jax.default_backend()} device(s)")
+    print("| model | loop (ex/s) | bare step (ex/s) | loop / step |")
+    print("|---|---|---|---|")
+    for model, loop, bare in rows:
+        print(f"| {model} | {loop:.0f} | {bare:.0f} | {loop / bare:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
