@@ -47,9 +47,9 @@ def main() -> None:
     mesh = shd.make_mesh(config.mesh, devices=jax.devices()[:1])
     trainer, init, _ = create_trainer(config, mcfg, mesh, seed=0)
     state = init()
-    from bench.loop import bare_rate  # noqa: F401  (same batch layout)
-
     import numpy as np
+
+    from bench.loop import bare_rate  # noqa: F401  (same batch layout)
 
     rng = np.random.default_rng(0)
     b, g = config.batch_size, mcfg.grid[0] * mcfg.grid[1]
