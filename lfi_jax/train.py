@@ -38,7 +38,7 @@ from lfi_jax.metrics import MetricWriter, format_eta, setup_logging
 from lfi_jax.run import RUN_INFO_FILE, check_resume, record_config
 from lfi_jax.tasks.registry import get_task
 from lfi_jax.teacher.resolve import resolve_teacher
-from lfi_jax.trainer import Trainer, create_trainer, evaluate_splits  # noqa: F401  (create_trainer: importable here)
+from lfi_jax.trainer import Trainer, create_trainer, evaluate_splits
 from lfi_jax.validate import check_teacher, validate_for_training
 
 log = logging.getLogger("lfi_jax.train")

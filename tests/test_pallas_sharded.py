@@ -181,7 +181,7 @@ def test_trainer_step_traces_pallas_per_shard():
     """The trainer's jitted steps trace under the mesh: the model's pallas attention is wrapped."""
     from lfi_jax.checkpoint import abstract_like
     from lfi_jax.config import load_config_file, model_config
-    from lfi_jax.train import create_trainer
+    from lfi_jax.trainer import create_trainer
 
     c = load_config_file("demo", "ivit,runlocal")
     c.model.depth, c.model.hidden_size, c.model.num_heads, c.model.mlp_dim, c.model.gate_hidden = 1, 32, 2, 64, 2

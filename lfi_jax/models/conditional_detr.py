@@ -53,12 +53,12 @@ from lfi_jax.models.detr import (
     Embedding,
     Encoder,
     Gate,
-    _dropout,  # private in lfi_jax.models.detr (public name requested)
-    _fold,  # private in lfi_jax.models.detr (public name requested)
-    _layernorm,  # private in lfi_jax.models.detr (public name requested)
-    _want_rows,  # private in lfi_jax.models.detr (public name requested)
     downsample_mask,
+    dropout,
+    fold_rng,
+    layer_norm,
     linear,
+    rows_wanted,
     sine_position_embedding,
 )
 from lfi_jax.models.resnet import DTYPES, ResNet
@@ -136,16 +136,16 @@ class DecoderLayer(nnx.Module):
         for name in ("sa_qcontent_proj", "sa_qpos_proj", "sa_kcontent_proj", "sa_kpos_proj", "sa_v_proj"):
             setattr(self, name, linear(d, d, cfg, rngs))
         self.self_attn = OutProjection(cfg, rngs)
-        self.self_attn_layer_norm = _layernorm(cfg, rngs)
+        self.self_attn_layer_norm = layer_norm(cfg, rngs)
         self.ca_qcontent_proj = linear(d, d, cfg, rngs)
         self.ca_qpos_proj = linear(d, d, cfg, rngs) if first else None
         for name in ("ca_kcontent_proj", "ca_kpos_proj", "ca_v_proj", "ca_qpos_sine_proj"):
             setattr(self, name, linear(d, d, cfg, rngs))
         self.encoder_attn = OutProjection(cfg, rngs, interaction=interaction)
-        self.encoder_attn_layer_norm = _layernorm(cfg, rngs)
+        self.encoder_attn_layer_norm = layer_norm(cfg, rngs)
         self.fc1 = linear(d, cfg.decoder_ffn_dim, cfg, rngs)
         self.fc2 = linear(cfg.decoder_ffn_dim, d, cfg, rngs)
-        self.final_layer_norm = _layernorm(cfg, rngs)
+        self.final_layer_norm = layer_norm(cfg, rngs)
 
     def _split(self, t):
         return t.reshape(t.shape[0], t.shape[1], self.cfg.decoder_heads, -1)
@@ -185,11 +185,11 @@ class DecoderLayer(nnx.Module):
         k = split(self.sa_kcontent_proj(x) + self.sa_kpos_proj(query_pos))
         o, _ = dot_product_attention(q, k, split(self.sa_v_proj(x)))
         a = self.self_attn.out_proj(o.reshape(b, nq, d))
-        x = self.self_attn_layer_norm(x + _dropout(a, cfg.dropout, rng, 0))
+        x = self.self_attn_layer_norm(x + dropout(a, cfg.dropout, rng, 0))
         a, rows = self.cross_attention(x, query_pos, query_sine, memory, pos, key_mask, want_rows=want_rows)
-        x = self.encoder_attn_layer_norm(x + _dropout(a, cfg.dropout, rng, 1))
-        h = _dropout(jax.nn.relu(self.fc1(x)), cfg.activation_dropout, rng, 2)
-        x = self.final_layer_norm(x + _dropout(self.fc2(h), cfg.dropout, rng, 3))
+        x = self.encoder_attn_layer_norm(x + dropout(a, cfg.dropout, rng, 1))
+        h = dropout(jax.nn.relu(self.fc1(x)), cfg.activation_dropout, rng, 2)
+        x = self.final_layer_norm(x + dropout(self.fc2(h), cfg.dropout, rng, 3))
         return x, rows
 
 
@@ -201,7 +201,7 @@ class Decoder(nnx.Module):
         self.layers = nnx.List(
             [DecoderLayer(cfg, rngs, first=i == 0, interaction=inter) for i in range(cfg.decoder_layers)]
         )
-        self.layernorm = _layernorm(cfg, rngs)
+        self.layernorm = layer_norm(cfg, rngs)
         self.query_scale = MLPHead(cfg, (d, d, d), rngs)
         self.ref_point_head = MLPHead(cfg, (d, d, 2), rngs)
 
@@ -212,10 +212,10 @@ class Decoder(nnx.Module):
         reference = jax.nn.sigmoid(self.ref_point_head(query_pos).astype(jnp.float32))
         sine = anchor_sine_embedding(reference, cfg.hidden_size // 2).astype(query_pos.dtype)
         x = jnp.zeros_like(query_pos)
-        want, rows, outs = _want_rows(cfg, "decoder_cross"), [], []
+        want, rows, outs = rows_wanted(cfg, "decoder_cross"), [], []
         for i, layer in enumerate(self.layers):
             query_sine = sine if i == 0 else sine * self.query_scale(x)
-            x, r = layer(x, query_pos, query_sine, memory, pos, key_mask, _fold(rng, i), want_rows=i in want)
+            x, r = layer(x, query_pos, query_sine, memory, pos, key_mask, fold_rng(rng, i), want_rows=i in want)
             if r is not None:
                 rows.append(r)
             if cfg.auxiliary_outputs or i == len(self.layers) - 1:
@@ -273,8 +273,8 @@ class ConditionalDetr(nnx.Module):
         pos = sine_position_embedding(mask, cfg.hidden_size // 2).astype(dtype)
         x = self.input_projection(feats.astype(dtype)).reshape(b, h * w, cfg.hidden_size)
         key_mask = mask.reshape(b, h * w)
-        x = _dropout(x, cfg.dropout, rng, 0)
-        memory, rows = self.encoder(x, pos, key_mask, _fold(rng, 1))
+        x = dropout(x, cfg.dropout, rng, 0)
+        memory, rows = self.encoder(x, pos, key_mask, fold_rng(rng, 1))
         return memory, pos, key_mask, rows
 
     def __call__(self, pixel_values, pixel_mask=None, *, rng=None) -> DetrOutput:
@@ -283,7 +283,7 @@ class ConditionalDetr(nnx.Module):
         b = memory.shape[0]
         query_pos = self.query_position_embeddings.weight[...].astype(memory.dtype)
         query_pos = jnp.broadcast_to(query_pos, (b, cfg.num_queries, cfg.hidden_size))
-        states, dec_rows, reference = self.decoder(query_pos, memory, pos, key_mask, _fold(rng, 2))
+        states, dec_rows, reference = self.decoder(query_pos, memory, pos, key_mask, fold_rng(rng, 2))
         logits = self.class_labels_classifier(states).astype(jnp.float32)
         raw = self.bbox_predictor(states).astype(jnp.float32)
         raw = raw.at[..., :2].add(inverse_sigmoid(reference))

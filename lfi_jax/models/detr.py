@@ -462,6 +462,3 @@ def count_params(cfg: DetrConfig, *, include_frozen_stats: bool = False) -> int:
     flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
     return sum(math.prod(v.shape) for path, v in flat if include_frozen_stats or "normalization" not in path)
 
-
-# Earlier private spellings, kept importable for lfi_jax.models.conditional_detr.
-_dropout, _fold, _layernorm, _want_rows = dropout, fold_rng, layer_norm, rows_wanted
