@@ -65,6 +65,23 @@ class SetCriterionOutput(NamedTuple):
 _UNIT = np.array([0.5, 0.5, 1.0, 1.0], np.float32)
 
 
+def box_losses(
+    boxes: jax.Array, targets: DetectionTargets, match: Match, num_boxes: jax.Array, *,
+    example_mask: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """(loss_bbox, loss_giou) of one layer's matched boxes (boxes [B, Q, 4]), each / num_boxes."""
+    b = boxes.shape[0]
+    ex = jnp.ones((b,), jnp.float32) if example_mask is None else example_mask.astype(jnp.float32)
+    m = match.matched & (ex[:, None] > 0)  # [B, T]
+    src = jnp.take_along_axis(boxes.astype(jnp.float32), match.query_index[..., None], axis=1)  # [B, T, 4]
+    src = jnp.where(m[..., None], src, _UNIT)
+    tgt = jnp.where(m[..., None], targets.boxes.astype(jnp.float32), _UNIT)
+    loss_bbox = jnp.abs(src - tgt).sum(-1).sum() / num_boxes
+    giou = paired_generalized_box_iou(cxcywh_to_xyxy(src), cxcywh_to_xyxy(tgt))
+    loss_giou = jnp.where(m, 1.0 - giou, 0.0).sum() / num_boxes
+    return loss_bbox, loss_giou
+
+
 def layer_losses(
     logits: jax.Array,
     boxes: jax.Array,
@@ -89,13 +106,7 @@ def layer_losses(
     w = jnp.where(target_class == num_classes, eos_coef, 1.0) * ex[:, None]
     loss_ce = (w * nll).sum() / jnp.maximum(w.sum(), 1e-12)
 
-    m = match.matched & (ex[:, None] > 0)  # [B, T]
-    src = jnp.take_along_axis(boxes.astype(jnp.float32), match.query_index[..., None], axis=1)  # [B, T, 4]
-    src = jnp.where(m[..., None], src, _UNIT)
-    tgt = jnp.where(m[..., None], targets.boxes.astype(jnp.float32), _UNIT)
-    loss_bbox = jnp.abs(src - tgt).sum(-1).sum() / num_boxes
-    giou = paired_generalized_box_iou(cxcywh_to_xyxy(src), cxcywh_to_xyxy(tgt))
-    loss_giou = jnp.where(m, 1.0 - giou, 0.0).sum() / num_boxes
+    loss_bbox, loss_giou = box_losses(boxes, targets, match, num_boxes, example_mask=example_mask)
 
     pred_objects = (jnp.argmax(logits, -1) != num_classes).sum(-1).astype(jnp.float32)
     n_targets = targets.valid.sum(-1).astype(jnp.float32)
@@ -114,28 +125,41 @@ def set_criterion(
     matcher_impl: str = "scipy",
 ) -> SetCriterionOutput:
     """DETR's loss of a batch: last layer plus auxiliary layers (see the module docstring)."""
+
+    def losses(logits, boxes, targets, match, num_boxes):
+        return layer_losses(logits, boxes, targets, match, num_boxes, num_classes=num_classes,
+                            eos_coef=weights.eos_coef, example_mask=example_mask)
+
+    return criterion_over_layers(preds, targets, losses, (weights.ce_weight, weights.bbox_weight, weights.giou_weight),
+                                 costs=costs, example_mask=example_mask, matcher_impl=matcher_impl)
+
+
+def criterion_over_layers(
+    preds: DetectionPredictions,
+    targets: DetectionTargets,
+    losses,
+    weights: tuple[float, float, float],
+    *,
+    costs: MatcherCosts,
+    example_mask: jax.Array | None = None,
+    matcher_impl: str = "scipy",
+) -> SetCriterionOutput:
+    """A set criterion over the last and every auxiliary decoder layer, each matched on its own
+    outputs. losses(logits, boxes, targets, match, num_boxes) -> LayerLosses of one layer;
+    weights = (class, bbox, giou) of the total. num_boxes: valid targets of the batch (>= 1)."""
     valid = targets.valid.astype(bool)
     if example_mask is not None:
         valid = valid & example_mask.astype(bool)[:, None]
     targets = targets._replace(valid=valid)
     num_boxes = jnp.maximum(valid.sum().astype(jnp.float32), 1.0)
+    w_class, w_bbox, w_giou = weights
 
     def one(logits, boxes):
         match = hungarian_match(logits, boxes, targets, costs, impl=matcher_impl)
-        losses = layer_losses(
-            logits,
-            boxes,
-            targets,
-            match,
-            num_boxes,
-            num_classes=num_classes,
-            eos_coef=weights.eos_coef,
-            example_mask=example_mask,
-        )
-        return losses, match
+        return losses(logits, boxes, targets, match, num_boxes), match
 
     def weighted(ls: LayerLosses) -> jax.Array:
-        return weights.ce_weight * ls.loss_ce + weights.bbox_weight * ls.loss_bbox + weights.giou_weight * ls.loss_giou
+        return w_class * ls.loss_ce + w_bbox * ls.loss_bbox + w_giou * ls.loss_giou
 
     final, match = one(preds.logits, preds.boxes)
     total = weighted(final)
@@ -148,4 +172,5 @@ def set_criterion(
     return SetCriterionOutput(total, final, aux, match, num_boxes)
 
 
-__all__ = ["CriterionWeights", "LayerLosses", "SetCriterionOutput", "layer_losses", "set_criterion"]
+__all__ = ["CriterionWeights", "LayerLosses", "SetCriterionOutput", "box_losses", "criterion_over_layers", "layer_losses",
+           "set_criterion"]

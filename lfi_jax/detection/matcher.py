@@ -3,8 +3,15 @@
 Cost of assigning query q to target t (transformers' `HungarianMatcher`, DETR's defaults
 class 1, L1 5, GIoU 2):
 
-    C[q, t] = w_class * (-softmax(logits)[q, label_t]) + w_bbox * |box_q - box_t|_1
+    C[q, t] = w_class * class_cost[q, label_t] + w_bbox * |box_q - box_t|_1
               + w_giou * (-GIoU(box_q, box_t))
+
+with `MatcherCosts.class_kind`
+- "softmax" (DETR): class_cost = -softmax(logits)[q, c] over the C+1 logits (no-object last);
+- "focal" (Conditional-DETR, Deformable-DETR; transformers' `DeformableDetrHungarianMatcher`):
+  over C sigmoid logits, p = sigmoid(logits)[q, c],
+  class_cost = alpha (1 - p)^gamma (-log(p + 1e-8)) - (1 - alpha) p^gamma (-log(1 - p + 1e-8))
+  (alpha 0.25, gamma 2; Conditional-DETR weighs it 2, `w_class`, with L1 5 and GIoU 2).
 
 on normalised cxcywh boxes (GIoU on their xyxy corners). Non-finite costs are replaced by the
 largest float32 so such pairs are taken only when nothing else is left. The assignment itself
@@ -35,10 +42,33 @@ from lfi_jax.detection.types import DetectionTargets, Match
 _BIG = float(np.finfo(np.float32).max)
 
 
+CLASS_KINDS = ("softmax", "focal")
+
+
 class MatcherCosts(NamedTuple):
     class_weight: float = 1.0
     bbox_weight: float = 5.0
     giou_weight: float = 2.0
+    class_kind: str = "softmax"  # softmax (DETR) | focal (Conditional-DETR)
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+
+
+CONDITIONAL_DETR_COSTS = MatcherCosts(2.0, 5.0, 2.0, "focal")
+
+
+def class_cost(logits: jax.Array, labels: jax.Array, costs: MatcherCosts) -> jax.Array:
+    """The class term [B, Q, T] of the cost for target labels [B, T] (see the module docstring)."""
+    x = logits.astype(jnp.float32)
+    if costs.class_kind == "softmax":
+        return -jnp.take_along_axis(jax.nn.softmax(x, axis=-1), labels[:, None, :], axis=-1)
+    if costs.class_kind == "focal":
+        p = jnp.take_along_axis(jax.nn.sigmoid(x), labels[:, None, :], axis=-1)
+        a, g = costs.focal_alpha, costs.focal_gamma
+        pos = a * (1.0 - p) ** g * (-jnp.log(p + 1e-8))
+        neg = (1.0 - a) * p**g * (-jnp.log(1.0 - p + 1e-8))
+        return pos - neg
+    raise ValueError(f"matcher class_kind={costs.class_kind!r}: expected one of {CLASS_KINDS}")
 
 
 def match_cost(
@@ -47,16 +77,15 @@ def match_cost(
     """The matching cost [B, Q, T] (float32; padded target columns hold finite junk)."""
     if costs.class_weight == 0 and costs.bbox_weight == 0 and costs.giou_weight == 0:
         raise ValueError("matcher costs: class_weight, bbox_weight and giou_weight cannot all be 0")
-    prob = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)  # [B, Q, C+1]
     labels = jnp.where(targets.valid, targets.labels, 0).astype(jnp.int32)
-    class_cost = -jnp.take_along_axis(prob, labels[:, None, :], axis=-1)  # [B, Q, T]
+    cls = class_cost(logits, labels, costs)  # [B, Q, T]
     # padded slots get a harmless unit box so GIoU stays finite there
     unit = jnp.array([0.5, 0.5, 1.0, 1.0], jnp.float32)
     tboxes = jnp.where(targets.valid[..., None], targets.boxes.astype(jnp.float32), unit)
     pboxes = boxes.astype(jnp.float32)
     l1 = jnp.abs(pboxes[:, :, None, :] - tboxes[:, None, :, :]).sum(-1)
     giou = jax.vmap(generalized_box_iou)(cxcywh_to_xyxy(pboxes), cxcywh_to_xyxy(tboxes))
-    cost = costs.bbox_weight * l1 + costs.class_weight * class_cost + costs.giou_weight * (-giou)
+    cost = costs.bbox_weight * l1 + costs.class_weight * cls + costs.giou_weight * (-giou)
     return jnp.nan_to_num(cost, nan=_BIG, posinf=_BIG, neginf=_BIG)
 
 
@@ -120,7 +149,8 @@ def hungarian_match(
     *,
     impl: str = "scipy",
 ) -> Match:
-    """Assign each valid target to one query minimising the total cost; logits [B, Q, C+1], boxes [B, Q, 4]."""
+    """Assign each valid target to one query minimising the total cost; logits [B, Q, C+1] (softmax
+    costs) or [B, Q, C] (focal costs), boxes [B, Q, 4]."""
     cost = jax.lax.stop_gradient(match_cost(logits, boxes, targets, costs))
     valid = jax.lax.stop_gradient(targets.valid.astype(bool))
     if impl == "scipy":
@@ -130,4 +160,4 @@ def hungarian_match(
     raise ValueError(f"matcher impl={impl!r}: expected 'scipy' or 'optax'")
 
 
-__all__ = ["MatcherCosts", "hungarian_match", "match_cost"]
+__all__ = ["CLASS_KINDS", "CONDITIONAL_DETR_COSTS", "MatcherCosts", "class_cost", "hungarian_match", "match_cost"]
