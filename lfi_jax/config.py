@@ -288,7 +288,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 100
-    c.optim.schedule = "cosine"  # cosine | constant
+    c.optim.schedule = "cosine"  # cosine | constant | step
+    # schedule="step" (DETR's lr drop): after the warm-up, lr = lr * drop_factor ** (number of
+    # drop_steps already passed); drop_steps are global step numbers, increasing.
+    c.optim.drop_steps = ()
+    c.optim.drop_factor = 0.1
     c.optim.min_lr_ratio = 0.0
     c.optim.weight_decay = 0.05
     c.optim.b1 = 0.9
@@ -344,8 +348,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.batch_size={config.batch_size} is not divisible by "
             f"config.optim.grad_accum_steps={config.optim.grad_accum_steps}"
         )
-    if config.optim.schedule not in ("cosine", "constant"):
-        raise UserError(f"config.optim.schedule={config.optim.schedule!r}; expected cosine or constant")
+    if config.optim.schedule not in ("cosine", "constant", "step"):
+        raise UserError(f"config.optim.schedule={config.optim.schedule!r}; expected cosine, constant or step")
+    drops = tuple(int(x) for x in config.optim.get("drop_steps", ()) or ())
+    if config.optim.schedule == "step" and (not drops or list(drops) != sorted(set(drops)) or drops[0] <= 0):
+        raise UserError(
+            f"config.optim.drop_steps={drops}: schedule='step' needs one or more increasing step numbers > 0"
+        )
     if len(config.mesh.axes) != len(config.mesh.shape):
         raise UserError(
             f"config.mesh.axes {config.mesh.axes} and config.mesh.shape {config.mesh.shape} differ in length"

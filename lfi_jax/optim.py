@@ -1,4 +1,5 @@
-"""Optimizer: AdamW with warmup + cosine, gradient clipping, and freeze patterns."""
+"""Optimizer: AdamW with warmup + cosine, constant or step-decay lr, gradient clipping, and
+freeze patterns."""
 
 from __future__ import annotations
 
@@ -28,10 +29,15 @@ def trainable_mask(params: Any, freeze=(), trainable=()) -> Any:
 def schedule(optim_cfg, total_steps: int):
     peak = optim_cfg.lr
     warmup = min(int(optim_cfg.warmup_steps), max(total_steps - 1, 0))
-    if optim_cfg.schedule == "constant":
+    if optim_cfg.schedule in ("constant", "step"):
+        after = optax.constant_schedule(peak)
+        if optim_cfg.schedule == "step":  # DETR's drop: x drop_factor at each of drop_steps
+            factor = float(optim_cfg.get("drop_factor", 0.1))
+            drops = {int(s) - warmup: factor for s in optim_cfg.drop_steps}
+            after = optax.piecewise_constant_schedule(peak, drops)
         return optax.join_schedules(
-            [optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.constant_schedule(peak)], [warmup]
-        ) if warmup else optax.constant_schedule(peak)
+            [optax.linear_schedule(0.0, peak, max(warmup, 1)), after], [warmup]
+        ) if warmup else after
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=peak,
