@@ -128,3 +128,23 @@ def test_focal_criterion_on_a_tiny_transformers_model():
     ours = _ours(out.logits.numpy(), out.pred_boxes.numpy(), aux_logits, aux_boxes, labels, tboxes, valid,
                  weights=FocalWeights(ce_weight=1.0))
     _compare(ours, out.loss_dict, out.loss, ours.total)
+
+
+def test_sigmoid_postprocess_is_transformers_post_process_object_detection():
+    from types import SimpleNamespace
+
+    from lfi_jax.detection.postprocess import postprocess_sigmoid
+
+    proc = transformers.ConditionalDetrImageProcessorPil()
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0.0, 2.0, (2, Q, C)).astype(np.float32)
+    boxes = (1 / (1 + np.exp(-rng.normal(0.0, 1.0, (2, Q, 4))))).astype(np.float32)
+    for k in (10, 100):  # fewer than and more than the Q x C pairs
+        want = proc.post_process_object_detection(
+            SimpleNamespace(logits=torch.as_tensor(logits), pred_boxes=torch.as_tensor(boxes)), threshold=-1.0,
+            top_k=k)
+        got = postprocess_sigmoid(jnp.asarray(logits), jnp.asarray(boxes), top_k=k)
+        for b in range(2):
+            np.testing.assert_allclose(np.asarray(got.scores[b]), want[b]["scores"].numpy(), rtol=1e-6)
+            np.testing.assert_array_equal(np.asarray(got.labels[b]), want[b]["labels"].numpy())
+            np.testing.assert_allclose(np.asarray(got.boxes[b]), want[b]["boxes"].numpy(), atol=1e-6)

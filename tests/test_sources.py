@@ -279,3 +279,38 @@ def test_subset_without_labels():
     idx = subset_indices(None, 100, 0.2, seed=5)
     assert len(idx) == 20 and len(set(idx)) == 20 and np.all(np.diff(idx) > 0)
     assert set(idx) <= set(subset_indices(None, 100, 0.5, seed=5))
+
+
+def test_detection_subset_keeps_detection_attributes_and_is_stratified():
+    opts = dict(num_train=80, canvas=48, size_range=(12, 24))
+    full = get_source("shortcut_digits_det", "train", opts)
+    # each image's most frequent class (ties to the lower label), brute force from its annotations
+    strata = np.asarray([np.bincount(full.annotations(i)[1], minlength=10).argmax() for i in range(len(full))])
+    subsets = {}
+    for r in (0.05, 0.1):
+        s1 = get_source("shortcut_digits_det", "train", dict(opts, data_ratio=r))
+        s2 = get_source("shortcut_digits_det", "train", dict(opts, data_ratio=r))
+        ids = [s1.example_id(i) for i in range(len(s1))]
+        assert ids == [s2.example_id(i) for i in range(len(s2))]  # same seed, same subset
+        subsets[r] = set(ids)
+        picked = strata[[int(i) - 1 for i in ids]]  # ids are str(index + 1)
+        np.testing.assert_array_equal(np.bincount(picked, minlength=10),
+                                      [math.ceil(r * c) for c in np.bincount(strata, minlength=10)])
+        assert r * len(full) <= len(s1) <= r * len(full) + 10
+    assert subsets[0.05] < subsets[0.1]
+    other = get_source("shortcut_digits_det", "train", dict(opts, data_ratio=0.1, subset_seed=1))
+    assert {other.example_id(i) for i in range(len(other))} != subsets[0.1]
+
+    sub = get_source("shortcut_digits_det", "train", dict(opts, data_ratio=0.1))
+    assert sub.category_ids == full.category_ids and sub.class_names == full.class_names
+    recs = [sub[i] for i in range(len(sub))]
+    assert sub.image_ids() == [r["image_id"] for r in recs] == [int(sub.example_id(i)) for i in range(len(sub))]
+    assert [sub.orig_size(i) for i in range(len(sub))] == [tuple(r["orig_size"]) for r in recs]
+    assert sub.index_of(recs[3]["image_id"]) == 3
+    gt = sub.gt_dataset()
+    assert sorted(im["id"] for im in gt["images"]) == sorted(sub.image_ids())
+    want = sorted((r["image_id"], *(float(v) for v in (b[1], b[0], b[3] - b[1], b[2] - b[0])))
+                  for r in recs for b in r["boxes"])
+    got = sorted((a["image_id"], *a["bbox"]) for a in gt["annotations"])
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want))
+    assert gt["categories"] == full.gt_dataset()["categories"]

@@ -173,3 +173,35 @@ def test_pipeline_boxes_round_trip_through_cocoeval(voc):
     assert len(results) == 5  # every object, the difficult one too
     m = coco_bbox_metrics(src.gt_dataset(), results, image_ids=src.image_ids())
     assert m.AP == pytest.approx(1.0) and m.num_images == 2
+
+
+def test_data_ratio_subset_of_voc_keeps_ground_truth_and_difficult(tmp_path):
+    root = tmp_path / "VOC2012"
+    ids, classes = [], ("dog", "cat", "car", "dog", "dog", "cat", "car", "car", "person", "dog") * 3
+    for k, name in enumerate(classes):
+        vid = f"2012_{k:06d}"
+        xml = (f"<annotation><size><width>40</width><height>30</height></size><object><name>{name}</name>"
+               f"<difficult>{k % 4 == 0:d}</difficult><bndbox><xmin>{1 + k % 5}</xmin><ymin>2</ymin>"
+               "<xmax>20</xmax><ymax>25</ymax></bndbox></object><object><name>person</name>"
+               "<bndbox><xmin>21</xmin><ymin>3</ymin><xmax>39</xmax><ymax>29</ymax></bndbox></object></annotation>")
+        _write(root, vid, xml, (30, 40))
+        ids.append(vid)
+    _split(root, "train", ids)
+    spec = f"voc:{root}"
+    a = get_source(spec, "train", {"data_ratio": 0.1})
+    b = get_source(spec, "train", {"data_ratio": 0.1})
+    picked = [a.example_id(i) for i in range(len(a))]
+    assert picked == [b.example_id(i) for i in range(len(b))]
+    # strata: each image's most frequent class; one object of `name` and one person tie -> the lower VOC id
+    stratum = {vid: min(VOC_CLASSES.index(n), VOC_CLASSES.index("person")) for vid, n in zip(ids, classes)}
+    per = {s: sum(1 for v in ids if stratum[v] == s) for s in set(stratum.values())}
+    got = {s: sum(1 for v in picked if stratum[v] == s) for s in per}
+    assert got == {s: int(np.ceil(0.1 * n)) for s, n in per.items()}
+    assert a.category_ids == list(range(1, 21))
+    gt = a.gt_dataset()
+    assert sorted(im["file_name"] for im in gt["images"]) == sorted(f"{v}.jpg" for v in picked)
+    full_gt = VocDetection(str(root), "train").gt_dataset()
+    full = {(x["image_id"], tuple(x["bbox"]), x["iscrowd"]) for x in full_gt["annotations"]}
+    sub = {(x["image_id"], tuple(x["bbox"]), x["iscrowd"]) for x in gt["annotations"]}
+    assert len(sub) == 2 * len(picked) and sub <= full
+    assert any(x[2] == 1 for x in sub) == any(ids.index(v) % 4 == 0 for v in picked)

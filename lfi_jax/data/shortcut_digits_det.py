@@ -13,6 +13,17 @@ Variants:
   not fire on them; an oracle or VLM map of the targets puts no mass there). Their boxes are
   in the record as "distractor_boxes" (for analysis only).
 
+Few-shot (`classes=K`, `shots=N`, `class_seed=S`; the Table 7 path on embedded data): K of the
+variant's classes, drawn by `class_seed` alone (the same seed gives the same classes, sorted;
+K = 0 keeps them all), are the categories (contiguous labels 0..K-1 in that order, names and
+COCO ids those of the digits). Every target digit of either split is of a kept class (absent
+classes are simply not drawn; clutter distractors stay classes 5-9). With N > 0 the train split
+has exactly N images per kept class, K * N in all (`num_train` is then K * N): image i holds
+`objects` digits all of class kept[i % K], so every prefix of K images covers each class once;
+`val` keeps `num_val` images whose digits are drawn from the kept classes. Defaults (K = 0,
+N = 0) are the plain benchmark, and then these options are not part of the image identity (a
+teacher store built before they existed still fits).
+
 Digits never overlap by more than IoU `max_overlap` (cells), so every target stays visible.
 Determinism: example i is a function of (seed, split, i) only (its own generator
 `default_rng([seed, 1000 + split_code, i])`), so `num_train` appends or drops examples.
@@ -58,7 +69,11 @@ DEFAULTS: dict[str, Any] = dict(
     distractors=(1, 3),  # distractor digits per image with clutter=True
     size_range=(12, 48),  # digit cell side in pixels (inclusive)
     max_overlap=0.1,  # largest IoU between two digit cells
+    classes=0,  # few-shot: number of kept classes (0 = all)
+    shots=0,  # few-shot: train images per kept class (0 = num_train images)
+    class_seed=0,  # few-shot: which classes are kept
 )
+FEW_SHOT = ("classes", "shots", "class_seed")
 _OBJECT_CLASSES = {False: tuple(range(10)), True: tuple(range(5))}
 _DISTRACTOR_CLASSES = tuple(range(5, 10))
 _ATTEMPTS = 30  # placement tries per digit before it is left out
@@ -85,7 +100,18 @@ def _resolve(split: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
         "max_overlap": float(opts["max_overlap"]),
         "num_train": int(opts["num_train"]),
         "num_val": int(opts["num_val"]),
+        "classes": int(opts["classes"]),
+        "shots": int(opts["shots"]),
+        "class_seed": int(opts["class_seed"]),
     }
+    n_all = len(_OBJECT_CLASSES[out["clutter"]])
+    if not 0 <= out["classes"] <= n_all:
+        raise ValueError(f"data.options.classes={out['classes']} must lie in [0, {n_all}] (0 = all classes of "
+                         f"the {'clutter' if out['clutter'] else 'plain'} variant)")
+    if out["shots"] < 0:
+        raise ValueError(f"data.options.shots={out['shots']} must be >= 0 (0 = num_train images)")
+    if out["shots"] > 0:
+        out["num_train"] = len(kept_classes(out)) * out["shots"]
     lo, hi = out["size_range"]
     if not 4 <= lo <= hi <= out["canvas"]:
         raise ValueError(f"data.options.size_range={tuple(out['size_range'])} must satisfy 4 <= lo <= hi <= canvas")
@@ -99,10 +125,27 @@ def _resolve(split: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+def kept_classes(resolved: Mapping[str, Any]) -> tuple[int, ...]:
+    """The digit classes that are categories under resolved options (all of the variant's, or the
+    `classes` drawn by `class_seed`, sorted)."""
+    all_classes = _OBJECT_CLASSES[bool(resolved["clutter"])]
+    k = int(resolved.get("classes", 0))
+    if k == 0 or k == len(all_classes):
+        return all_classes
+    rng = np.random.default_rng([int(resolved.get("class_seed", 0)), 7919])
+    return tuple(sorted(int(c) for c in rng.choice(all_classes, k, replace=False)))
+
+
 def image_options(split: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The options that decide the split's images and their number (JSON data, defaults filled in)."""
+    """The options that decide the split's images and their number (JSON data, defaults filled in;
+    the few-shot options only when set)."""
     out = _resolve(split, options)
     out.pop("num_val" if split == "train" else "num_train")
+    if out["classes"] == 0:
+        out.pop("class_seed")
+        out.pop("classes")
+    if out["shots"] == 0 or split != "train":
+        out.pop("shots")
     return out
 
 
@@ -123,7 +166,8 @@ class ShortcutDigitsDet:
         self.canvas = self.options["canvas"]
         self.clutter = self.options["clutter"]
         self._n = self.options["num_train" if split == "train" else "num_val"]
-        classes = _OBJECT_CLASSES[self.clutter]
+        classes = self.object_classes = kept_classes(self.options)
+        self._anchored = split == "train" and self.options["shots"] > 0
         self.class_names = [str(c) for c in classes]
         self.category_ids = [c + 1 for c in classes]
         images, targets = _digits()
@@ -148,6 +192,12 @@ class ShortcutDigitsDet:
     def image_ids(self) -> list[int]:
         return list(range(1, self._n + 1))
 
+    def index_of(self, image_id: int) -> int:
+        i = int(image_id) - 1
+        if not 0 <= i < self._n:
+            raise KeyError(f"{self.name}/{self.split}: no image id {image_id} (ids 1..{self._n})")
+        return i
+
     def orig_size(self, index: int) -> tuple[int, int]:
         self._check(index)
         return self.canvas, self.canvas
@@ -163,7 +213,7 @@ class ShortcutDigitsDet:
         c1 = _hsv_to_rgb(col[3], 0.3 + 0.6 * col[4], 0.55 + 0.35 * col[5])
         n_obj = int(rng.integers(o["objects"][0], o["objects"][1] + 1))
         n_dis = int(rng.integers(o["distractors"][0], o["distractors"][1] + 1)) if self.clutter else 0
-        obj_classes = _OBJECT_CLASSES[self.clutter]
+        obj_classes = (self.object_classes[i % len(self.object_classes)],) if self._anchored else self.object_classes
         kinds = [True] * n_obj + [False] * n_dis
         cells, digits = [], []
         for is_obj in kinds:
@@ -197,6 +247,16 @@ class ShortcutDigitsDet:
         rows, cols = np.flatnonzero(glyph.max(1) > 0), np.flatnonzero(glyph.max(0) > 0)
         return (y0 + rows[0], x0 + cols[0], y0 + rows[-1] + 1, x0 + cols[-1] + 1)
 
+    def subset_strata(self) -> np.ndarray:
+        """Each image's most frequent class (ties: the lower label), the strata of a `data_ratio`
+        subset (`lfi_jax.data.sources.subset_indices`); from the layouts, nothing rendered."""
+        k = len(self.object_classes)
+        out = np.zeros(self._n, np.int64)
+        for i in range(self._n):
+            labels = [self.object_classes.index(d["class"]) for d in self._layout(i)["digits"] if d["object"]]
+            out[i] = np.bincount(labels, minlength=k).argmax()
+        return out
+
     def annotations(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(boxes [K, 4] y0,x0,y1,x1, labels [K], distractor boxes [D, 4]) without rendering."""
         return self._annotations(self._layout(self._check(index)))
@@ -208,7 +268,7 @@ class ShortcutDigitsDet:
             box = self._tight(self._glyph(d["digit"], s), y0, x0)
             if d["object"]:
                 boxes.append(box)
-                labels.append(_OBJECT_CLASSES[self.clutter].index(d["class"]))
+                labels.append(self.object_classes.index(d["class"]))
             else:
                 dis.append(box)
         as_boxes = lambda b: np.asarray(b, np.float32).reshape(-1, 4)  # noqa: E731
@@ -281,7 +341,8 @@ class ShortcutDigitsDet:
 
     def __repr__(self) -> str:
         o = self.options
-        return f"ShortcutDigitsDet(split={self.split!r}, n={self._n}, clutter={self.clutter}, seed={o['seed']})"
+        few = f", classes={list(self.object_classes)}, shots={o['shots']}" if o["classes"] or o["shots"] else ""
+        return f"ShortcutDigitsDet(split={self.split!r}, n={self._n}, clutter={self.clutter}, seed={o['seed']}{few})"
 
 
 def build_source(arg: str, split: str, opts: dict[str, Any], spec: str) -> ShortcutDigitsDet:
@@ -302,4 +363,5 @@ def write_coco(root: str, split: str, options: Mapping[str, Any] | None = None) 
     return path
 
 
-__all__ = ["DEFAULTS", "SPLITS", "ShortcutDigitsDet", "build_source", "image_options", "write_coco"]
+__all__ = ["DEFAULTS", "FEW_SHOT", "SPLITS", "ShortcutDigitsDet", "build_source", "image_options", "kept_classes",
+           "write_coco"]

@@ -20,7 +20,12 @@ teacher store records to notice an image changed after its export.
 
 Generic options (any source): `data_ratio` in (0, 1] keeps a deterministic class-stratified
 subset (the same for a given `subset_seed`, default 0; a smaller ratio's subset is contained in
-a larger one's), as in the paper's 1/10/50/100 % training-data experiments.
+a larger one's), as in the paper's 1/10/50/100 % training-data experiments. Classification
+sources stratify by `labels()`; detection sources (no image label) by `subset_strata()` when
+they have it (voc, shortcut_digits_det: each image's most frequent class, ties to the lower
+id), else (coco) an unstratified seeded subset. A subset of a detection source keeps its
+detection attributes: `category_ids`, `image_ids()`, `gt_dataset()` (only the subset's images
+and their annotations), `orig_size(i)`, `num_boxes()`, `index_of(image_id)`.
 """
 
 from __future__ import annotations
@@ -202,8 +207,13 @@ def subset_indices(labels: np.ndarray | None, n: int, ratio: float, seed: int = 
     return np.sort(np.concatenate(keep))
 
 
+_PASSED_THROUGH = ("content_fingerprint", "orig_size", "category_ids", "image_ids", "num_boxes", "subset_strata",
+                   "index_of", "gt_dataset")
+
+
 class SubsetSource:
-    """A fixed subset of another source (ids and labels unchanged)."""
+    """A fixed subset of another source (ids and labels unchanged; detection attributes restricted
+    to the subset, see the module docstring)."""
 
     def __init__(self, base, indices: np.ndarray, *, data_ratio: float):
         self.base = base
@@ -232,9 +242,39 @@ class SubsetSource:
         return self.base[self._base_index(index)]
 
     def __getattr__(self, name: str):
-        if name == "content_fingerprint" and hasattr(self.__dict__.get("base"), name):
-            return lambda index: self.base.content_fingerprint(self._base_index(index))
-        raise AttributeError(name)
+        base = self.__dict__.get("base")
+        if base is None or not hasattr(base, name) or name not in _PASSED_THROUGH:
+            raise AttributeError(name)
+        if name == "content_fingerprint":
+            return lambda index: base.content_fingerprint(self._base_index(index))
+        if name == "orig_size":
+            return lambda index: base.orig_size(self._base_index(index))
+        if name == "category_ids":
+            return base.category_ids
+        if name == "image_ids":
+            return lambda: [base.image_ids()[int(i)] for i in self.indices]
+        if name == "num_boxes":
+            return lambda: np.asarray(base.num_boxes())[self.indices]
+        if name == "subset_strata":
+            return lambda: np.asarray(base.subset_strata())[self.indices]
+        if name == "index_of":
+            return self._index_of
+        return self._gt_dataset  # gt_dataset
+
+    def _index_of(self, image_id: int) -> int:
+        if "_by_id" not in self.__dict__:
+            self._by_id = {int(iid): k for k, iid in enumerate(self.image_ids())}
+        if int(image_id) not in self._by_id:
+            raise KeyError(f"{self.name}/{self.split} (data_ratio={self.data_ratio}): no image id {image_id}")
+        return self._by_id[int(image_id)]
+
+    def _gt_dataset(self) -> dict[str, Any]:
+        gt = self.base.gt_dataset()
+        keep = {int(i) for i in self.image_ids()}
+        out = dict(gt)
+        out["images"] = [im for im in gt["images"] if int(im["id"]) in keep]
+        out["annotations"] = [a for a in gt.get("annotations", []) if int(a["image_id"]) in keep]
+        return out
 
     def __repr__(self) -> str:
         return f"SubsetSource({self.base!r}, n={len(self)}, data_ratio={self.data_ratio})"
@@ -323,7 +363,7 @@ def get_source(spec: str, split: str, options: Mapping[str, Any] | None = None) 
     kind, arg = parse_spec(spec)
     src = SOURCE_KINDS[kind].build(arg, split, opts, spec)
     if ratio != 1.0:
-        labels = getattr(src, "labels", None)
+        labels = getattr(src, "labels", None) or getattr(src, "subset_strata", None)
         idx = subset_indices(None if labels is None else labels(), len(src), ratio, subset_seed)
         src = SubsetSource(src, idx, data_ratio=ratio)
     return src

@@ -238,6 +238,12 @@ class VocDetection:
     def content_fingerprint(self, index: int) -> str:
         return file_fingerprint(self._jpg(self._ids[self._check(index)]))
 
+    def subset_strata(self) -> np.ndarray:
+        """Each image's most frequent class (ties: the lower id; no object: 20), the strata of a
+        `data_ratio` subset (`lfi_jax.data.sources.subset_indices`)."""
+        n = len(VOC_CLASSES)
+        return np.asarray([np.bincount(lab, minlength=n).argmax() if len(lab) else n for lab in self._labels], np.int64)
+
     def gt_dataset(self) -> dict[str, Any]:
         """COCOeval's ground truth: every object, difficult ones iscrowd=1 / ignore=1 (see the docstring)."""
         images, anns = [], []

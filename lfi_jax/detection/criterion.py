@@ -172,5 +172,5 @@ def criterion_over_layers(
     return SetCriterionOutput(total, final, aux, match, num_boxes)
 
 
-__all__ = ["CriterionWeights", "LayerLosses", "SetCriterionOutput", "box_losses", "criterion_over_layers", "layer_losses",
-           "set_criterion"]
+__all__ = ["CriterionWeights", "LayerLosses", "SetCriterionOutput", "box_losses", "criterion_over_layers",
+           "layer_losses", "set_criterion"]

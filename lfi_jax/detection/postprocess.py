@@ -6,6 +6,12 @@ no-object class dropped, each query's best real class and its probability as the
 boxes as normalised xyxy; then the `top_k` best-scoring queries per image (default all Q, as
 DETR evaluates its 100 queries; COCOeval keeps at most 100 per image and category).
 
+`postprocess_sigmoid` is Conditional-DETR's (transformers' `ConditionalDetrImageProcessor.
+post_process_object_detection`, the original code's `PostProcess`): logits [B, Q, C] without a
+no-object class, sigmoid scores, the `top_k` (default 100) best of all Q x C (query, class)
+pairs per image, so one query may give detections of several classes; box of pair k is its
+query's box.
+
 `to_coco_results` (numpy, on the host) scales the normalised boxes by each image's ORIGINAL
 (height, width) — DETR's boxes are fractions of the unpadded image, and resizing for the
 network keeps those fractions — converts them to COCO's absolute [x, y, width, height], maps
@@ -40,6 +46,17 @@ def postprocess(logits: jax.Array, boxes: jax.Array, *, top_k: int | None = None
     scores, idx = jax.lax.top_k(scores, k)
     labels = jnp.take_along_axis(labels, idx, axis=-1)
     xyxy = jnp.take_along_axis(xyxy, idx[..., None], axis=-2)
+    return Detections(scores, labels, xyxy)
+
+
+def postprocess_sigmoid(logits: jax.Array, boxes: jax.Array, *, top_k: int = 100) -> Detections:
+    """Top-k (query, class) pairs by sigmoid score per image (see the module docstring)."""
+    b, q, c = logits.shape
+    prob = jax.nn.sigmoid(logits.astype(jnp.float32)).reshape(b, q * c)
+    k = min(int(top_k), q * c)
+    scores, idx = jax.lax.top_k(prob, k)
+    labels = (idx % c).astype(jnp.int32)
+    xyxy = jnp.take_along_axis(cxcywh_to_xyxy(boxes.astype(jnp.float32)), (idx // c)[..., None], axis=-2)
     return Detections(scores, labels, xyxy)
 
 
@@ -86,4 +103,4 @@ def to_coco_results(
     return out
 
 
-__all__ = ["Detections", "postprocess", "to_coco_results"]
+__all__ = ["Detections", "postprocess", "postprocess_sigmoid", "to_coco_results"]
