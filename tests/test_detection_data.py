@@ -162,3 +162,31 @@ def test_coco_instance_masks(tmp_path):
     r = CocoDetection(root, "val", {"masks": True})[0]
     assert r["masks"].shape == (1, 20, 30)
     assert abs(r["masks"].sum() - 50) <= 16  # pycocotools rasterises the 10 x 5 polygon to about 50 px
+
+
+def test_few_shot_variant_is_seeded_and_has_shots_images_per_class():
+    opts = {"classes": 4, "shots": 3, "class_seed": 5, "canvas": 48, "size_range": [12, 20], "num_val": 6}
+    a, b = ShortcutDigitsDet("train", opts), ShortcutDigitsDet("train", opts)
+    assert a.class_names == b.class_names and len(a.class_names) == 4 and len(a) == 12
+    assert a.class_names == sorted(a.class_names) and a.category_ids == [int(n) + 1 for n in a.class_names]
+    np.testing.assert_array_equal(a[7]["image"], b[7]["image"])
+    kept = {tuple(ShortcutDigitsDet("train", dict(opts, class_seed=s)).class_names) for s in range(6)}
+    assert len(kept) > 1  # the seed picks the classes
+    for i in range(len(a)):  # image i: digits of class i % K only -> exactly `shots` images per class
+        boxes, labels, _ = a.annotations(i)
+        assert len(labels) >= 1 and set(labels.tolist()) == {i % 4}
+    np.testing.assert_array_equal(np.bincount([a.annotations(i)[1][0] for i in range(12)]), [3, 3, 3, 3])
+    val = ShortcutDigitsDet("val", opts)
+    assert val.class_names == a.class_names and len(val) == 6
+    assert all(0 <= lab < 4 for i in range(6) for lab in val.annotations(i)[1])
+    gt = val.gt_dataset()
+    assert {c["id"] for c in gt["categories"]} == set(a.category_ids)
+    # the plain benchmark's identity is unchanged by the new options at their defaults
+    plain = {"num_train": 5}
+    assert image_options("train", plain) == image_options("train", dict(plain, classes=0, shots=0, class_seed=3))
+    assert "classes" not in image_options("train", plain)
+    assert image_options("train", opts)["num_train"] == 12
+    bad_options = (({"classes": 11}, "classes"), ({"shots": -1}, "shots"), ({"clutter": True, "classes": 6}, "classes"))
+    for bad, key in bad_options:
+        with pytest.raises(ValueError, match=key):
+            ShortcutDigitsDet("train", bad)
