@@ -29,7 +29,6 @@ from lfi_jax import train
 from lfi_jax.config import load_config_file, set_key
 from lfi_jax.data.sources import get_source
 from lfi_jax.experiments.base import stats
-from lfi_jax.experiments.cli import parse_sets
 from lfi_jax.experiments.runner import checkpoint_complete
 from lfi_jax.fileio import write_json_atomic
 from lfi_jax.metrics import read_metrics, setup_logging
@@ -49,11 +48,14 @@ def log(msg: str) -> None:
     print(f"[demo detection] {msg}", flush=True)
 
 
-def model_config(model: str, seed: int, *, runlocal: bool = False, sets: dict[str, Any] | None = None):
-    """The config of one run: `configs/detection_demo.py:<model>` with seed s for the model and the data."""
+def model_config(model: str, seed: int, *, runlocal: bool = False, sets: dict[str, Any] | None = None,
+                 config_file: str = CONFIG):
+    """The config of one run: `configs/<config_file>.py:<model>` (default detection_demo; any
+    config with the same arguments: model[,shuffled][,runlocal]) with seed s for the model and
+    the data, then `sets` applied."""
     base, shuffled = (model[: -len(SHUFFLED)], True) if model.endswith(SHUFFLED) else (model, False)
     arg = ",".join([base] + (["shuffled"] if shuffled else []) + (["runlocal"] if runlocal else []))
-    config = load_config_file(CONFIG, arg)
+    config = load_config_file(config_file, arg)
     for k, v in (sets or {}).items():
         set_key(config, k, v)
     config.seed = int(seed)
@@ -109,8 +111,9 @@ def ensure_teacher(config, workdir: str, seed: int) -> str:
     return shuffled
 
 
-def finished(run_dir: str, config) -> dict[str, Any] | None:
-    """What a finished run logged at its last step (checkpoint and every metric there), else None."""
+def finished(run_dir: str, config, keys: Sequence[str] | None = None) -> dict[str, Any] | None:
+    """What a finished run logged at its last step (its checkpoint there and every metric key of
+    `keys`, default val/AP and val/AP50), else None."""
     total = int(config.total_steps)
     if not checkpoint_complete(run_dir, total) or not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
         return None
@@ -118,7 +121,8 @@ def finished(run_dir: str, config) -> dict[str, Any] | None:
     for row in read_metrics(run_dir):
         if row["step"] == total:
             out.update(row)
-    return out if all(f"{SPLIT}/{m}" in out for m in METRICS) else None
+    keys = [f"{SPLIT}/{m}" for m in METRICS] if keys is None else keys
+    return out if all(k in out for k in keys) else None
 
 
 def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -239,8 +243,17 @@ def main(argv: Sequence[str]) -> int:
     a = build_parser().parse_args(list(argv))
     setup_logging()
     models = [m for m in a.models.split(",") if m]
-    run_detection_demo(a.workdir, seeds=a.seeds, models=models, runlocal=a.runlocal, sets=parse_sets(a.set))
+    sets = {}
+    for item in a.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        sets[key.strip()] = value
+    run_detection_demo(a.workdir, seeds=a.seeds, models=models, runlocal=a.runlocal, sets=sets)
     return 0
 
 
-__all__ = ["MODELS", "ROWS", "format_table", "main", "run_detection_demo", "shuffle_store", "summarise"]
+__all__ = [
+    "MODELS", "ROWS", "ensure_teacher", "finished", "format_table", "main", "model_config", "run_detection_demo",
+    "shuffle_store", "summarise",
+]

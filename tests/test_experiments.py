@@ -210,3 +210,93 @@ def test_budgets():
     tin = load_config_file("tinyimagenet", "B/16,ivit")
     small = ex.budget_overrides(tin, "small", False)
     assert small["total_steps"] == tin.total_steps // 10 and small["eval_every"] == tin.eval_every // 10
+
+
+# --------------------------------------------------------------------------- detection (Tables 6 and 7)
+
+DET_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AP_mask", "AP50_mask", "AP75_mask")
+
+
+def fake_ap(cfg, key) -> float:
+    """A deterministic stand-in COCO metric of a dense-prediction config."""
+    m, t = cfg["model"], cfg["teacher"]
+    ident = (cfg["task"], m["interaction_queries"], m["interaction_constraint"], t.get("shuffle"), cfg["seed"], key)
+    return (sum(ord(ch) * (i + 1) for i, ch in enumerate(repr(ident))) % 991) / 991
+
+
+@pytest.fixture
+def fake_det_train(monkeypatch):
+    """Training replaced by a stand-in that writes what a finished detection run leaves behind
+    (config.json, metrics.jsonl with val/AP..., the final checkpoint directory)."""
+    import lfi_jax.train
+
+    calls = []
+
+    def train_and_evaluate(config, workdir):
+        if config.model.interaction_constraint:  # the runner built the dense teacher store first
+            assert os.path.exists(os.path.join(config.teacher.store, "manifest.json"))
+        step_dir = os.path.join(workdir, "checkpoints", str(config.total_steps))
+        os.makedirs(step_dir, exist_ok=True)
+        open(os.path.join(step_dir, "commit_success.txt"), "w").close()
+        cfg = json.loads(config.to_json_best_effort())
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(cfg, f)
+        final = {f"val/{k}": fake_ap(cfg, k) for k in DET_KEYS}
+        with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
+            f.write(json.dumps({"step": config.total_steps, **final}) + "\n")
+        calls.append(cfg)
+        return dict(final, step=config.total_steps, preempted=False)
+
+    monkeypatch.setattr(lfi_jax.train, "train_and_evaluate", train_and_evaluate)
+    return calls
+
+
+def test_detection_tables_with_and_without_the_dense_teacher(fake_det_train, tmp_path, capsys):
+    from lfi_jax.config import CONFIG_DIR
+    from lfi_jax.experiments import detection as det
+
+    runs, out = str(tmp_path / "runs"), str(tmp_path / "out")
+    argv = ["detection", "--config", "runlocal", "--seeds", "2", "--workdir", runs, "--out", out]
+    assert ex.main(argv) == 0
+    payload = json.load(open(os.path.join(out, "detection.json")))
+    md = open(os.path.join(out, "detection.md")).read()
+    with Image.open(os.path.join(out, "detection.png")) as im:
+        assert np.asarray(im.convert("L")).std() > 5
+    ran = [g for g in det.GROUPS if os.path.exists(os.path.join(CONFIG_DIR, f"{g.config_file}.py"))]
+    assert "detection" in payload["groups"]
+    for g in det.GROUPS:
+        if g not in ran:  # a config not written yet: the group says it was skipped
+            assert g.name in payload["skipped"] and "does not exist" in payload["skipped"][g.name]
+    assert len(fake_det_train) == 2 * sum(len(g.rows) for g in det.GROUPS if g.name in payload["groups"])
+    # the detection rows: DETR (no teacher), I-DETR (teacher), I-DETR with the shuffled store
+    det_cfgs = [c for c in fake_det_train if c["name"].startswith("digits-det-")]
+    shuffled = [c for c in det_cfgs if c["teacher"].get("shuffle")]
+    assert shuffled and all("_shuffled0" in c["teacher"]["store"] for c in shuffled)
+    plain = [c for c in det_cfgs if c["model"]["interaction_constraint"] and not c["teacher"].get("shuffle")]
+    assert plain and all(os.path.basename(c["teacher"]["store"]) in ("teacher_seed0", "teacher_seed1") for c in plain)
+    assert [c["seed"] for c in fake_det_train[:2]] == [0, 1]  # seeds for model and data
+    assert all(c["data"]["options"]["seed"] == c["seed"] for c in fake_det_train)
+    # the table: AP etc. in %, mean ± sample std over the two seeds (by hand), gains paired by seed
+    group = payload["groups"]["detection"]
+    cells = group["cells"]
+    rows = _table_rows(md.split("## ")[1].split("Gain over")[0])
+    assert [r[0] for r in rows] == ["DETR (no C_vlm)", "I-DETR (C_vlm)", "I-DETR, C_vlm shuffled across images"]
+    for row, model in zip(rows, ("detr", "idetr", "idetr_shuffled")):
+        cfgs = [_cfg(c) for c in cells if c["labels"]["model"] == model]
+        for j, k in enumerate(("AP", "AP50", "AP75", "APs", "APm", "APl")):
+            vals = [fake_ap(c, k) for c in cfgs]
+            assert row[1 + j] == f"{100 * np.mean(vals):.1f} ± {100 * np.std(vals, ddof=1):.1f}", (model, k)
+        assert row[7] == "2"
+    base = {c["seed"]: fake_ap(_cfg(c), "AP50") for c in cells if c["labels"]["model"] == "detr"}
+    diff = [fake_ap(_cfg(c), "AP50") - base[c["seed"]] for c in cells if c["labels"]["model"] == "idetr"]
+    np.testing.assert_allclose(group["gains"]["idetr"]["val/AP50"]["values"], diff, atol=1e-12)
+    if "segmentation" in payload["groups"]:
+        assert "AP mask" in md.split("instance segmentation")[1].splitlines()[4]
+    # re-running trains nothing
+    n = len(fake_det_train)
+    capsys.readouterr()
+    assert ex.main(argv) == 0
+    assert len(fake_det_train) == n and "finished earlier" in capsys.readouterr().err
+    # bad input: one error line, exit code 2
+    assert run_cli(ex.main, ["detection", "--regimes", "nope", "--workdir", runs, "--out", out], exit=False) == 2
+    assert run_cli(ex.main, ["detection", "--config", "configs/demo.py", "--workdir", runs], exit=False) == 2

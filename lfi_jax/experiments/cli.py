@@ -9,7 +9,17 @@ from collections.abc import Sequence
 import jax
 
 from lfi_jax.cli import run_cli
-from lfi_jax.experiments import ablation, choices, data_ratio, hard, peers, seeds, spurious_p, teacher_noise
+from lfi_jax.experiments import (
+    ablation,
+    choices,
+    data_ratio,
+    detection,
+    hard,
+    peers,
+    seeds,
+    spurious_p,
+    teacher_noise,
+)
 from lfi_jax.experiments.base import GridOptions
 from lfi_jax.experiments.cells import DEMO_BUDGETS
 from lfi_jax.experiments.runner import DEFAULT_OUT, DEFAULT_WORKDIR, run_experiment
@@ -27,6 +37,7 @@ EXPERIMENTS = {
         choices.EXPERIMENT,
         hard.EXPERIMENT,
         seeds.EXPERIMENT,
+        detection.EXPERIMENT,  # runs its own cells (detection runs report AP): detection.DenseExperiment.run
     )
 }
 
@@ -41,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--budget", default="full", choices=sorted(DEMO_BUDGETS), help="full (default: the config as written) or small"
     )
-    p.add_argument("--seeds", type=int, default=1, help="seeds per grid point (0..N-1)")
+    p.add_argument(
+        "--seeds", type=int, default=None, help="seeds per grid point (0..N-1; default 1, detection: 3)"
+    )
     p.add_argument(
         "--workdir", default=DEFAULT_WORKDIR, help=f"root of the cells' workdirs (default {DEFAULT_WORKDIR})"
     )
@@ -61,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--regimes",
         default=None,
         help="comma-separated regimes: spurious_p (default clean,shortcut,hard), peers (shortcut,hard), "
-        "choices (shortcut), hard (hard), teacher_noise (one regime; default the base config's)",
+        "choices (shortcut), hard (hard), teacher_noise (one regime; default the base config's); "
+        "detection: the row groups (default detection,segmentation,conddetr)",
     )
     return p
 
@@ -112,13 +126,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     sets = parse_sets(args.set)
-    options = grid_options(args)
+    exp = EXPERIMENTS[args.name]
+    seeds = args.seeds if args.seeds is not None else getattr(exp, "default_seeds", 1)
+    run = getattr(exp, "run", None)  # an experiment with its own runner (detection), which checks --regimes
+    regimes = tuple(r for r in (args.regimes or "").split(",") if r) or None
+    options = grid_options(args) if run is None else GridOptions(regimes=regimes)
     setup_logging()
+    if run is not None:
+        run(config=args.config, budget=args.budget, seeds=seeds, workdir=args.workdir, out=args.out, sets=sets,
+            options=options, command="python -m lfi_jax.experiments " + " ".join(argv))
+        return 0
     run_experiment(
-        EXPERIMENTS[args.name],
+        exp,
         config=args.config,
         budget=args.budget,
-        seeds=args.seeds,
+        seeds=seeds,
         workdir=args.workdir,
         out=args.out,
         sets=sets,
