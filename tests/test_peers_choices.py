@@ -162,7 +162,8 @@ def test_model_rows_hold_the_cls_row():
         logits_r, aux_r = model(x, attn_rows=True)
         np.testing.assert_allclose(np.asarray(logits_r), np.asarray(logits), atol=1e-5)
         rows = np.asarray(aux_r["attn_rows"])  # [B, L, N, N]
-        assert rows.shape == (2, 4, 65, 65)
+        n = model.cfg.num_tokens  # 1 + the demo's patch grid
+        assert rows.shape == (2, 4, n, n)
         np.testing.assert_allclose(rows.sum(-1), 1.0, atol=1e-5)
         np.testing.assert_allclose(rows[:, :, 0], np.asarray(aux["cls_attn"]).mean(2), atol=1e-6)
 

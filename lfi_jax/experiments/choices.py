@@ -2,8 +2,9 @@
 one setting of the I-ViT from the main job's defaults; ViT rows as the reference.
 
   align_weight    `loss.align_weight` 3 (default 1)
-  gate_init       the gate bias from scratch `model.gate_bias_init` = (-4, 4), the pretrained
-                  default (starts on C_vfm), against (0, 0), the default from scratch
+  gate_init       the gate bias `model.gate_bias_init`: the demo's (4, -4) (the fused map
+                  starts on the supervised C_agt) against (0, 0) (half-half, the library's
+                  from-scratch default) and (-4, 4) (starts on C_vfm, the pretrained default)
   augmentation    `data.augment.random_resized_crop` off (on by default), for ViT and I-ViT
   align_reduce    `loss.align_reduce = "layer_mean"`: KL of the layer-averaged map (default
                   "per_layer": the KL of each layer's map averaged over layers, SPEC)
@@ -23,8 +24,9 @@ NO_AUG = {"data.augment.random_resized_crop": False, "data.augment.hflip": False
 CHOICES = (
     ("vit", "default", "", {}),
     ("vit", "augmentation", "off", NO_AUG),
-    ("ivit", "default", "weight 1, gate (0, 0), augmentation on, per_layer", {}),
+    ("ivit", "default", "weight 1, gate (4, -4), augmentation on, per_layer", {}),
     ("ivit", "align_weight", "3", {"loss.align_weight": 3.0}),
+    ("ivit", "gate_init", "(0, 0)", {"model.gate_bias_init": (0.0, 0.0)}),
     ("ivit", "gate_init", "(-4, 4)", {"model.gate_bias_init": (-4.0, 4.0)}),
     ("ivit", "augmentation", "off", NO_AUG),
     ("ivit", "align_reduce", "layer_mean", {"loss.align_reduce": "layer_mean"}),
