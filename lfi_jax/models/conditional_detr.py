@@ -48,20 +48,23 @@ from flax import nnx
 
 from lfi_jax.models.detr import (
     BoxHead,
+    DetrBase,
     DetrConfig,
+    DetrEncoding,
     DetrOutput,
-    Embedding,
-    Encoder,
     Gate,
-    downsample_mask,
+    MLPHead,
+    count_model_params,
+    detr_output,
     dropout,
+    feed_forward,
     fold_rng,
+    idetr_config,
     layer_norm,
     linear,
     rows_wanted,
-    sine_position_embedding,
+    run_layers,
 )
-from lfi_jax.models.resnet import DTYPES, ResNet
 from lfi_jax.ops import dot_product_attention, interaction_attention
 
 PRIOR_PROB = 0.01  # focal-loss prior of the class bias (the original code)
@@ -76,10 +79,8 @@ class ConditionalDetrConfig(DetrConfig):
 
 
 def iconditional_detr_config(cfg: ConditionalDetrConfig, **overrides) -> ConditionalDetrConfig:
-    """The I-Conditional-DETR of an architecture: IQ + IC + GC on unless overridden."""
-    base = dict(interaction_queries=True, interaction_constraint=True, gated_control=True)
-    base.update(overrides)
-    return dataclasses.replace(cfg, **base)
+    """The I-Conditional-DETR of an architecture: IQ + IC + GC on unless overridden (`idetr_config`)."""
+    return idetr_config(cfg, **overrides)
 
 
 def anchor_sine_embedding(points, num_feats: int, temperature: float = 10000.0):
@@ -100,20 +101,6 @@ def inverse_sigmoid(x, eps: float = 1e-5):
     """log(x / (1 - x)) with both clamped at eps (transformers' / the original code's rule)."""
     x = jnp.clip(x, 0.0, 1.0)
     return jnp.log(jnp.maximum(x, eps) / jnp.maximum(1.0 - x, eps))
-
-
-class MLPHead(nnx.Module):
-    """transformers' `ConditionalDetrMLPPredictionHead` of any depth: linear layers, ReLU between."""
-
-    def __init__(self, cfg: DetrConfig, dims: tuple[int, ...], rngs: nnx.Rngs):
-        self.layers = nnx.List([linear(a, b, cfg, rngs) for a, b in zip(dims[:-1], dims[1:])])
-
-    def __call__(self, x):
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = jax.nn.relu(x)
-        return x
 
 
 class OutProjection(nnx.Module):
@@ -188,9 +175,7 @@ class DecoderLayer(nnx.Module):
         x = self.self_attn_layer_norm(x + dropout(a, cfg.dropout, rng, 0))
         a, rows = self.cross_attention(x, query_pos, query_sine, memory, pos, key_mask, want_rows=want_rows)
         x = self.encoder_attn_layer_norm(x + dropout(a, cfg.dropout, rng, 1))
-        h = dropout(jax.nn.relu(self.fc1(x)), cfg.activation_dropout, rng, 2)
-        x = self.final_layer_norm(x + dropout(self.fc2(h), cfg.dropout, rng, 3))
-        return x, rows
+        return feed_forward(self, x, rng, 2), rows
 
 
 class Decoder(nnx.Module):
@@ -205,106 +190,54 @@ class Decoder(nnx.Module):
         self.query_scale = MLPHead(cfg, (d, d, d), rngs)
         self.ref_point_head = MLPHead(cfg, (d, d, 2), rngs)
 
-    def __call__(self, query_pos, memory, pos, key_mask, rng):
-        """-> ([L or 1, B, Q, D] normalised layer outputs, C rows of the align layers,
+    def __call__(self, query_pos, memory, pos, key_mask, rng, *, attn_rows: bool = False):
+        """-> ([L or 1, B, Q, D] normalised layer outputs, {layer: C rows [B, H, Q, Nk]},
         reference points [B, Q, 2] f32)."""
         cfg = self.cfg
         reference = jax.nn.sigmoid(self.ref_point_head(query_pos).astype(jnp.float32))
         sine = anchor_sine_embedding(reference, cfg.hidden_size // 2).astype(query_pos.dtype)
-        x = jnp.zeros_like(query_pos)
-        want, rows, outs = rows_wanted(cfg, "decoder_cross"), [], []
-        for i, layer in enumerate(self.layers):
+
+        def step(i, layer, x, r, **kw):
             query_sine = sine if i == 0 else sine * self.query_scale(x)
-            x, r = layer(x, query_pos, query_sine, memory, pos, key_mask, fold_rng(rng, i), want_rows=i in want)
-            if r is not None:
-                rows.append(r)
-            if cfg.auxiliary_outputs or i == len(self.layers) - 1:
-                outs.append(self.layernorm(x))
-        return jnp.stack(outs), rows, reference
+            return layer(x, query_pos, query_sine, memory, pos, key_mask, r, **kw)
+
+        want = rows_wanted(cfg, "decoder_cross", attn_rows)
+        _, rows, states = run_layers(self.layers, jnp.zeros_like(query_pos), rng, want, step, norm=self.layernorm,
+                                     every=cfg.auxiliary_outputs)
+        return states, rows, reference
 
 
-class ConditionalDetr(nnx.Module):
+class ConditionalDetr(DetrBase):
     """Conditional-DETR / I-Conditional-DETR: `model(pixel_values [B, H, W, 3], pixel_mask
-    [B, H, W] bool, *, rng=None)` -> `lfi_jax.models.detr.DetrOutput` (logits [B, Q, C], no
-    no-object entry; the other fields as DETR's)."""
+    [B, H, W] bool, *, rng=None, attn_rows=False)` -> `lfi_jax.models.detr.DetrOutput`
+    (logits [B, Q, C], no no-object entry; the other fields as DETR's, `attn_rows` included).
+    `encode` is DETR's (`lfi_jax.models.detr.DetrBase`)."""
+
+    kind = "Conditional-DETR"
 
     def __init__(self, cfg: ConditionalDetrConfig, *, rngs: nnx.Rngs):
-        self.cfg = cfg
+        super().__init__(cfg, rngs=rngs)
         d = cfg.hidden_size
-        self.backbone = ResNet(cfg.backbone, rngs=rngs)
-        self.input_projection = nnx.Conv(
-            cfg.backbone.out_channels,
-            d,
-            kernel_size=(1, 1),
-            dtype=DTYPES[cfg.dtype],
-            param_dtype=jnp.float32,
-            kernel_init=nnx.initializers.xavier_uniform(),
-            rngs=rngs,
-        )
-        self.query_position_embeddings = Embedding(cfg.num_queries, d, rngs)
-        self.encoder = Encoder(cfg, rngs)
         self.decoder = Decoder(cfg, rngs)
         prior = nnx.initializers.constant(-math.log((1 - PRIOR_PROB) / PRIOR_PROB))
-        self.class_labels_classifier = nnx.Linear(
-            d, cfg.num_classes, dtype=DTYPES[cfg.dtype], param_dtype=jnp.float32,
-            kernel_init=nnx.initializers.lecun_normal(), bias_init=prior, rngs=rngs,
-        )
+        self.class_labels_classifier = linear(d, cfg.num_classes, cfg, rngs, init=nnx.initializers.lecun_normal(),
+                                              bias_init=prior)
         self.bbox_predictor = BoxHead(cfg, rngs)
 
-    def encode(self, pixel_values, pixel_mask, rng):
-        """-> (memory [B, Nk, D], pos [B, Nk, D], key_mask [B, Nk] bool, encoder C rows)."""
-        cfg = self.cfg
-        if pixel_values.ndim != 4 or pixel_values.shape[-1] != cfg.backbone.num_channels:
-            raise ValueError(
-                f"Conditional-DETR expects pixel_values [B, H, W, {cfg.backbone.num_channels}], "
-                f"got {pixel_values.shape}"
-            )
-        b, height, width, _ = pixel_values.shape
-        if pixel_mask is None:
-            pixel_mask = jnp.ones((b, height, width), bool)
-        elif pixel_mask.shape != (b, height, width):
-            raise ValueError(
-                f"Conditional-DETR: pixel_mask has shape {pixel_mask.shape}, pixel_values {pixel_values.shape}"
-            )
-        feats = self.backbone(pixel_values)[-1]
-        h, w = feats.shape[1:3]
-        mask = downsample_mask(pixel_mask.astype(bool), (h, w))
-        dtype = DTYPES[cfg.dtype]
-        pos = sine_position_embedding(mask, cfg.hidden_size // 2).astype(dtype)
-        x = self.input_projection(feats.astype(dtype)).reshape(b, h * w, cfg.hidden_size)
-        key_mask = mask.reshape(b, h * w)
-        x = dropout(x, cfg.dropout, rng, 0)
-        memory, rows = self.encoder(x, pos, key_mask, fold_rng(rng, 1))
-        return memory, pos, key_mask, rows
-
-    def __call__(self, pixel_values, pixel_mask=None, *, rng=None) -> DetrOutput:
-        cfg = self.cfg
-        memory, pos, key_mask, enc_rows = self.encode(pixel_values, pixel_mask, rng)
-        b = memory.shape[0]
-        query_pos = self.query_position_embeddings.weight[...].astype(memory.dtype)
-        query_pos = jnp.broadcast_to(query_pos, (b, cfg.num_queries, cfg.hidden_size))
-        states, dec_rows, reference = self.decoder(query_pos, memory, pos, key_mask, fold_rng(rng, 2))
+    def __call__(self, pixel_values, pixel_mask=None, *, rng=None, attn_rows: bool = False) -> DetrOutput:
+        enc: DetrEncoding = self.encode(pixel_values, pixel_mask, rng, attn_rows=attn_rows)
+        states, dec_rows, reference = self.decoder(
+            self.object_queries(enc), enc.memory, enc.pos, enc.key_mask, fold_rng(rng, 2), attn_rows=attn_rows
+        )
         logits = self.class_labels_classifier(states).astype(jnp.float32)
         raw = self.bbox_predictor(states).astype(jnp.float32)
-        raw = raw.at[..., :2].add(inverse_sigmoid(reference))
-        boxes = jax.nn.sigmoid(raw)
-        rows = enc_rows or dec_rows
-        return DetrOutput(
-            logits=logits[-1],
-            pred_boxes=boxes[-1],
-            aux_logits=logits[:-1] if cfg.auxiliary_outputs else None,
-            aux_boxes=boxes[:-1] if cfg.auxiliary_outputs else None,
-            agt_rows=jnp.stack(rows, axis=1).astype(jnp.float32) if rows else None,
-            key_mask=key_mask,
-            query_mask=key_mask if (rows and cfg.interaction_in == "encoder_self") else None,
-        )
+        boxes = jax.nn.sigmoid(raw.at[..., :2].add(inverse_sigmoid(reference)))
+        return detr_output(self.cfg, logits, boxes, enc.rows or dec_rows, enc.key_mask, attn_rows=attn_rows)
 
 
 def count_params(cfg: ConditionalDetrConfig, *, include_frozen_stats: bool = False) -> int:
     """Parameters from shapes only; by default without the frozen BatchNorm tensors."""
-    abstract = nnx.eval_shape(lambda: ConditionalDetr(cfg, rngs=nnx.Rngs(0)))
-    flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
-    return sum(math.prod(v.shape) for path, v in flat if include_frozen_stats or "normalization" not in path)
+    return count_model_params(lambda: ConditionalDetr(cfg, rngs=nnx.Rngs(0)), include_frozen_stats=include_frozen_stats)
 
 
 __all__ = [

@@ -35,16 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lfi_jax.models.detr import (
-    Detr,
-    DetrConfig,
-    DetrOutput,
-    downsample_mask,
-    dropout,
-    fold_rng,
-    linear,
-    sine_position_embedding,
-)
+from lfi_jax.models.detr import Detr, DetrConfig, DetrOutput, check_inputs, linear, nearest_index
 from lfi_jax.models.resnet import DTYPES
 
 GN_EPS = 1e-5  # torch.nn.GroupNorm's default
@@ -75,12 +66,7 @@ def check_segm_config(cfg: DetrConfig) -> None:
 def resize_nearest(x, size: tuple[int, int]):
     """[N, h, w, C] -> [N, H, W, C], torch's `interpolate(mode="nearest")` (floor(i * in / out))."""
     _, hin, win, _ = x.shape
-
-    def index(n_in, n_out):
-        scale = np.float32(n_in) / np.float32(n_out)
-        return np.minimum(np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64), n_in - 1)
-
-    return x[:, index(hin, size[0])][:, :, index(win, size[1])]
+    return x[:, nearest_index(hin, size[0])][:, :, nearest_index(win, size[1])]
 
 
 class GroupNorm(nnx.Module):
@@ -194,47 +180,16 @@ class DetrForSegmentation(nnx.Module):
         self.bbox_attention = MHAttentionMap(cfg, rngs)
         self.mask_head = MaskHeadSmallConv(cfg, rngs)
 
-    def __call__(self, pixel_values, pixel_mask=None, *, rng=None) -> DetrSegmOutput:
-        cfg, detr = self.cfg, self.detr
-        if pixel_values.ndim != 4 or pixel_values.shape[-1] != cfg.backbone.num_channels:
-            raise ValueError(
-                f"DetrForSegmentation expects pixel_values [B, H, W, {cfg.backbone.num_channels}], "
-                f"got {pixel_values.shape}"
-            )
-        b, height, width, _ = pixel_values.shape
-        if pixel_mask is None:
-            pixel_mask = jnp.ones((b, height, width), bool)
-        elif pixel_mask.shape != (b, height, width):
-            raise ValueError(f"DETR: pixel_mask has shape {pixel_mask.shape}, pixel_values {pixel_values.shape}")
-        # Detr.__call__'s steps, keeping the stage maps, the projection and the memory.
-        stages = detr.backbone(pixel_values)
-        feats = stages[-1]
-        h, w = feats.shape[1:3]
-        mask = downsample_mask(pixel_mask.astype(bool), (h, w))
-        dtype = DTYPES[cfg.dtype]
-        pos = sine_position_embedding(mask, cfg.hidden_size // 2).astype(dtype)
-        proj = detr.input_projection(feats.astype(dtype))
-        x = proj.reshape(b, h * w, cfg.hidden_size)
-        key_mask = mask.reshape(b, h * w)
-        x = dropout(x, cfg.dropout, rng, 0)
-        memory, enc_rows = detr.encoder(x, pos, key_mask, fold_rng(rng, 1))
-        query_pos = detr.query_position_embeddings.weight[...].astype(dtype)
-        query_pos = jnp.broadcast_to(query_pos, (b, cfg.num_queries, cfg.hidden_size))
-        states, dec_rows = detr.decoder(query_pos, memory, pos, key_mask, fold_rng(rng, 2))
-        logits = detr.class_labels_classifier(states).astype(jnp.float32)
-        boxes = jax.nn.sigmoid(detr.bbox_predictor(states).astype(jnp.float32))
-        rows = enc_rows or dec_rows
-        out = DetrOutput(
-            logits=logits[-1],
-            pred_boxes=boxes[-1],
-            aux_logits=logits[:-1] if cfg.auxiliary_outputs else None,
-            aux_boxes=boxes[:-1] if cfg.auxiliary_outputs else None,
-            agt_rows=jnp.stack(rows, axis=1).astype(jnp.float32) if rows else None,
-            key_mask=key_mask,
-            query_mask=key_mask if (rows and cfg.interaction_in == "encoder_self") else None,
-        )
-        maps = self.bbox_attention(states[-1], memory, key_mask, (h, w))
-        masks = self.mask_head(proj, maps, (stages[2], stages[1], stages[0]))
+    def __call__(self, pixel_values, pixel_mask=None, *, rng=None, attn_rows: bool = False) -> DetrSegmOutput:
+        """The DETR's steps (`Detr.encode`, `decode`, `predict`), then the mask head on the last
+        decoder output, the encoder memory, the input projection and backbone stages 3, 2, 1."""
+        detr = self.detr
+        pixel_mask = check_inputs(self.cfg, pixel_values, pixel_mask, "DetrForSegmentation")
+        enc = detr.encode(pixel_values, pixel_mask, rng, attn_rows=attn_rows)
+        states, dec_rows = detr.decode(enc, rng, attn_rows=attn_rows)
+        out = detr.predict(enc, states, dec_rows, attn_rows=attn_rows)
+        maps = self.bbox_attention(states[-1], enc.memory, enc.key_mask, enc.features.shape[1:3])
+        masks = self.mask_head(enc.features, maps, enc.stages[2::-1])
         return DetrSegmOutput(detr=out, pred_masks=masks)
 
 
