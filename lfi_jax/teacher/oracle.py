@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -62,27 +62,34 @@ def parse_grid(grid: Any) -> tuple[int, int]:
 
 def resolve_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     """Options with defaults filled in and checked; an unknown option is an error naming it."""
-    opts = {k: d for k, (d, _) in OPTIONS.items()}
+    return resolve_teacher_options(options, OPTIONS, {"geometry": GEOMETRIES, "target": TARGETS}, "oracle")
+
+
+def resolve_teacher_options(options: Mapping[str, Any] | None, known: Mapping[str, tuple[Any, str]],
+                            choices: Mapping[str, Sequence[str]], teacher: str) -> dict[str, Any]:
+    """The oracle teachers' option check: defaults from `known` ({name: (default, help)}), the
+    grid parsed, the noise options (blur, shift, uniform, seed) checked, each of `choices`
+    ({name: allowed}) one of its values; errors name the option and `teacher`."""
+    opts = {k: d for k, (d, _) in known.items()}
     given = {k: v for k, v in (options or {}).items() if v is not None}
-    unknown = sorted(set(given) - set(OPTIONS))
+    unknown = sorted(set(given) - set(known))
     if unknown:
-        raise ValueError(f"unknown oracle teacher options {unknown} (known: {sorted(OPTIONS)})")
+        raise ValueError(f"unknown {teacher} teacher options {unknown} (known: {sorted(known)})")
     opts.update(given)
     opts["grid"] = list(parse_grid(opts["grid"]))
     for k in ("blur", "shift", "uniform"):
         try:
             opts[k] = float(opts[k])
         except (TypeError, ValueError):
-            raise ValueError(f"oracle teacher option {k}={opts[k]!r} is not a number") from None
+            raise ValueError(f"{teacher} teacher option {k}={opts[k]!r} is not a number") from None
         if not (math.isfinite(opts[k]) and opts[k] >= 0):
-            raise ValueError(f"oracle teacher option {k}={opts[k]} must be finite and >= 0")
+            raise ValueError(f"{teacher} teacher option {k}={opts[k]} must be finite and >= 0")
     if opts["uniform"] > 1:
-        raise ValueError(f"oracle teacher option uniform={opts['uniform']} must lie in [0, 1]")
+        raise ValueError(f"{teacher} teacher option uniform={opts['uniform']} must lie in [0, 1]")
     opts["seed"] = int(opts["seed"])
-    if opts["geometry"] not in GEOMETRIES:
-        raise ValueError(f"oracle teacher option geometry={opts['geometry']!r}: expected one of {GEOMETRIES}")
-    if opts["target"] not in TARGETS:
-        raise ValueError(f"oracle teacher option target={opts['target']!r}: expected one of {TARGETS}")
+    for k, allowed in choices.items():
+        if opts[k] not in allowed:
+            raise ValueError(f"{teacher} teacher option {k}={opts[k]!r}: expected one of {allowed}")
     return opts
 
 
@@ -191,7 +198,14 @@ def oracle_entry(example: Mapping[str, Any], options: Mapping[str, Any] | None =
     density, used = _density(example, opts["target"], hw, where)
     m = area_pool(density, geometry, opts["grid"])
     meta: dict[str, Any] = {"target": used}
-    reason = None if m.sum() > 0 else f"empty {used}"
+    return noisy_entry(m, geometry, opts, eid, meta, None if m.sum() > 0 else f"empty {used}")
+
+
+def noisy_entry(m: np.ndarray, geometry: Geometry, opts: Mapping[str, Any], eid: str, meta: dict[str, Any],
+                reason: str | None) -> TeacherEntry:
+    """The entry of a pooled map `m` (unnormalised, float64): the noise of `opts` applied (shift,
+    blur, uniform; see the module doc) and L1-normalised; degenerate (zeros, flagged, `reason`
+    in meta) when `reason` is given or the shift moves all mass off the grid."""
     if reason is None and (opts["shift"] > 0 or opts["blur"] > 0):
         m = m / m.sum()
         if opts["shift"] > 0:
@@ -233,7 +247,14 @@ def provenance(options: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def export_backend(source, indices: Sequence[int], options: Mapping[str, Any] | None) -> list[tuple[str, TeacherEntry]]:
     """The export registry's `oracle` backend: (source, indices, options) -> [(id, entry)]."""
-    opts = resolve_options(options)
+    return export_entries(source, indices, resolve_options(options), oracle_entry)
+
+
+def export_entries(
+    source, indices: Sequence[int], opts: Mapping[str, Any], entry: Callable[..., TeacherEntry]
+) -> list[tuple[str, TeacherEntry]]:
+    """[(example id, entry(example, opts))] of the source's `indices`; an example whose 'id'
+    differs from `source.example_id(i)` is an error naming the source and index."""
     name = f"{getattr(source, 'name', 'source')}/{getattr(source, 'split', '?')}"
     out = []
     for i in indices:
@@ -241,7 +262,7 @@ def export_backend(source, indices: Sequence[int], options: Mapping[str, Any] | 
         ex = source[i]
         if "id" in ex and ex["id"] != eid:
             raise ValueError(f"{name}: index {i}: example_id() gives {eid!r}, the example's 'id' is {ex['id']!r}")
-        out.append((eid, oracle_entry({**ex, "id": eid}, opts)))
+        out.append((eid, entry({**ex, "id": eid}, opts)))
     return out
 
 
@@ -253,10 +274,13 @@ __all__ = [
     "boxes_mask",
     "example_rng",
     "export_backend",
+    "export_entries",
     "interval_overlap",
+    "noisy_entry",
     "oracle_entry",
     "parse_grid",
     "provenance",
     "resolve_options",
+    "resolve_teacher_options",
     "shift_map",
 ]

@@ -21,13 +21,12 @@ form the export backend `oracle_dense` (`lfi_jax.teacher.export.export_store(sou
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from lfi_jax.teacher.oracle import area_pool, blur_map, boxes_mask, example_rng, parse_grid, shift_map
+from lfi_jax.teacher.oracle import area_pool, boxes_mask, export_entries, noisy_entry, resolve_teacher_options
 from lfi_jax.teacher.types import Geometry, TeacherEntry
 
 ORACLE_DENSE_VERSION = 1  # bump when the maps change
@@ -46,27 +45,7 @@ _CHOICES = {"geometry": ("full", "pad"), "target": ("auto", "masks", "boxes"), "
 
 def resolve_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
     """Options with defaults filled in and checked; an unknown option is an error naming it."""
-    opts = {k: d for k, (d, _) in OPTIONS.items()}
-    given = {k: v for k, v in (options or {}).items() if v is not None}
-    unknown = sorted(set(given) - set(OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown oracle_dense teacher options {unknown} (known: {sorted(OPTIONS)})")
-    opts.update(given)
-    opts["grid"] = list(parse_grid(opts["grid"]))
-    for k in ("blur", "shift", "uniform"):
-        try:
-            opts[k] = float(opts[k])
-        except (TypeError, ValueError):
-            raise ValueError(f"oracle_dense teacher option {k}={opts[k]!r} is not a number") from None
-        if not (math.isfinite(opts[k]) and opts[k] >= 0):
-            raise ValueError(f"oracle_dense teacher option {k}={opts[k]} must be finite and >= 0")
-    if opts["uniform"] > 1:
-        raise ValueError(f"oracle_dense teacher option uniform={opts['uniform']} must lie in [0, 1]")
-    opts["seed"] = int(opts["seed"])
-    for k, allowed in _CHOICES.items():
-        if opts[k] not in allowed:
-            raise ValueError(f"oracle_dense teacher option {k}={opts[k]!r}: expected one of {allowed}")
-    return opts
+    return resolve_teacher_options(options, OPTIONS, _CHOICES, "oracle_dense")
 
 
 def instance_densities(example: Mapping[str, Any], target: str, where: str) -> tuple[list[np.ndarray], str]:
@@ -113,24 +92,7 @@ def dense_entry(example: Mapping[str, Any], options: Mapping[str, Any] | None = 
         m += p
     meta: dict[str, Any] = {"target": used, "instances": len(dens)}
     reason = None if m.sum() > 0 else ("no objects" if not dens else f"empty {used}")
-    if reason is None and (opts["shift"] > 0 or opts["blur"] > 0):
-        m = m / m.sum()
-        if opts["shift"] > 0:
-            theta = example_rng(opts["seed"], eid).uniform(0.0, 2.0 * math.pi)
-            dy, dx = opts["shift"] * math.sin(theta), opts["shift"] * math.cos(theta)
-            meta["noise_shift"] = [dy, dx]
-            m = shift_map(m, dy, dx)
-            if not m.sum() > 1e-12:
-                reason = "noise shift moved all mass off the grid"
-        if reason is None:
-            m = blur_map(m, opts["blur"])
-    if reason is not None:
-        meta["degenerate_reason"] = reason
-        return TeacherEntry(np.zeros(grid, np.float32), geometry, True, meta)
-    m = m / m.sum()
-    if opts["uniform"] > 0:
-        m = (1.0 - opts["uniform"]) * m + opts["uniform"] / m.size
-    return TeacherEntry((m / m.sum()).astype(np.float32), geometry, False, meta)
+    return noisy_entry(m, geometry, opts, eid, meta, reason)
 
 
 def provenance(options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -151,16 +113,7 @@ def provenance(options: Mapping[str, Any] | None) -> dict[str, Any]:
 
 def export_backend(source, indices: Sequence[int], options: Mapping[str, Any] | None) -> list[tuple[str, TeacherEntry]]:
     """The export registry's `oracle_dense` backend: (source, indices, options) -> [(id, entry)]."""
-    opts = resolve_options(options)
-    name = f"{getattr(source, 'name', 'source')}/{getattr(source, 'split', '?')}"
-    out = []
-    for i in indices:
-        eid = source.example_id(i)
-        ex = source[i]
-        if "id" in ex and ex["id"] != eid:
-            raise ValueError(f"{name}: index {i}: example_id() gives {eid!r}, the example's 'id' is {ex['id']!r}")
-        out.append((eid, dense_entry({**ex, "id": eid}, opts)))
-    return out
+    return export_entries(source, indices, resolve_options(options), dense_entry)
 
 
 __all__ = [
