@@ -7,15 +7,19 @@ import torch
 
 from lfi_jax.detection.masks import (
     annotation_rle,
+    check_segmentation,
     compress_rle,
     decode_masks,
     decode_rle,
     encode_masks,
     mask_detections,
+    masks_from_logits,
     masks_to_original,
     polygons_to_rle,
+    select_mask_logits,
     string_counts,
     to_coco_segm_results,
+    to_coco_segm_results_from_logits,
 )
 from lfi_jax.detection.postprocess import postprocess
 from lfi_jax.eval.coco_segm import SEGM_METRIC_NAMES, coco_segm_metrics
@@ -177,3 +181,55 @@ def test_postprocessed_predictions_evaluate_perfectly():
     assert len(res) == 2 and res[0]["score"] > 0.99
     np.testing.assert_array_equal(decode_rle(res[0]["segmentation"], (32, 48), "r"), gt_mask.astype(np.uint8))
     assert coco_segm_metrics(gt, res).AP_mask == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.3])
+def test_masks_from_logits_equal_torch_resize_threshold_crop_nearest(threshold):
+    rng = np.random.default_rng(5)
+    cases = [((5, 6), (20, 24), (17, 22), (40, 51)), ((8, 8), (32, 32), (32, 20), (25, 13)),
+             ((4, 4), (4, 4), (3, 4), (3, 4))]
+    cut = float(np.log(threshold / (1 - threshold)))
+    for (h, w), padded, size, orig in cases:
+        mlog = rng.normal(0, 3, (3, h, w)).astype(np.float32)
+        up = torch.nn.functional.interpolate(torch.from_numpy(mlog)[None].double(), size=padded, mode="bilinear",
+                                             align_corners=False)[0]
+        crop = up[:, : size[0], : size[1]][:, None]
+        value = torch.nn.functional.interpolate(crop, size=orig, mode="nearest")[:, 0].numpy()
+        want = value > cut
+        got = masks_from_logits(mlog, padded, size, orig, threshold=threshold)
+        assert got.shape == (3, *orig) and got.dtype == bool
+        clear = np.abs(value - cut) > 1e-4  # float32 vs float64 only matter on the boundary
+        assert clear.mean() > 0.99
+        np.testing.assert_array_equal(got[clear], want[clear])
+    with pytest.raises(ValueError, match="image size 30x4 does not fit the padded size 20x24"):
+        masks_from_logits(np.zeros((1, 5, 6)), (20, 24), (30, 4), (30, 4))
+
+
+def test_results_from_logits_equal_results_from_canvas_masks():
+    rng = np.random.default_rng(6)
+    logits = rng.normal(size=(2, 4, 3)).astype(np.float32)
+    boxes = (rng.random((2, 4, 4)) * 0.5 + 0.25).astype(np.float32)
+    mlog = rng.normal(0, 3, (2, 4, 5, 6)).astype(np.float32)
+    sizes, origs = np.array([[20, 24], [13, 18]]), np.array([[40, 48], [26, 41]])
+    det, masks = mask_detections(jnp.asarray(logits), jnp.asarray(boxes), jnp.asarray(mlog), (20, 24))
+    want = to_coco_segm_results(det, np.asarray(masks), [3, 4], sizes, origs, [1, 5], valid=np.array([1, 1]))
+    det2, chosen = select_mask_logits(jnp.asarray(logits), jnp.asarray(boxes), jnp.asarray(mlog))
+    got = to_coco_segm_results_from_logits(det2, np.asarray(chosen), [3, 4], (20, 24), sizes, origs, [1, 5],
+                                           valid=np.array([1, 0]))
+    assert len(got) == 4 and len(want) == 8
+    for g, r in zip(got, want[:4]):
+        assert g["bbox"] == r["bbox"] and g["score"] == r["score"] and g["category_id"] == r["category_id"]
+        same = decode_rle(g["segmentation"], (40, 48), "g") == decode_rle(r["segmentation"], (40, 48), "r")
+        assert same.mean() > 0.995  # identical but where the bilinear value sits on the threshold
+
+
+def test_check_segmentation_without_rasterising():
+    ann = {"segmentation": [[1, 1, 5, 1, 5, 4]]}
+    check_segmentation(ann, 10, 10, "f: image id 1: annotation 2")
+    with pytest.raises(ValueError, match="f: image id 1: annotation 2: polygon 0 .* outside the 3x3 image"):
+        check_segmentation({"segmentation": [[4, 4, 8, 4, 8, 8]]}, 3, 3, "f: image id 1: annotation 2")
+    with pytest.raises(ValueError, match="annotation 2: RLE of size 10x12"):
+        check_segmentation({"segmentation": encode_masks(np.ones((1, 10, 12), bool))[0]}, 12, 10,
+                           "f: image id 1: annotation 2")
+    with pytest.raises(ValueError, match="annotation 2: no 'segmentation'"):
+        check_segmentation({"segmentation": []}, 3, 3, "f: image id 1: annotation 2")

@@ -13,8 +13,9 @@ Records (`src[i]`, the same for every detection source):
   boxes      float32 [K, 4] (y0, x0, y1, x1) in pixels, y1/x1 exclusive (the sources' convention)
   labels     int64 [K] contiguous class ids: category ids sorted, numbered 0..C-1
   orig_size  (H, W)
-  masks      float32 [K, H, W] instance masks (only with option masks=True; decoded from the
-             segmentation with pycocotools)
+  masks      uint8 [K, H, W] {0, 1} instance masks (only with option masks=True; the
+             annotation's polygons or RLE decoded with pycocotools through
+             `lfi_jax.detection.masks.annotation_rle`)
 
 `src.category_ids[c]` maps contiguous class c back to the JSON's category id (for results).
 Crowd annotations (iscrowd=1) are not targets (as in DETR; COCOeval reads them from the JSON).
@@ -25,6 +26,10 @@ differs from the JSON's, an annotation of an unknown image or category, duplicat
 (errors); boxes that stick out of the image are clipped to it and boxes of zero area (before
 or after clipping) dropped, as DETR does, each counted and the first few named in
 `src.problems` and one warning; an image without annotations is kept with an empty target.
+With masks=True every target annotation's segmentation is checked when the source opens
+(`check_segmentation`: no segmentation, an RLE whose size is not the image's, a polygon
+outside the image, malformed polygons) and fully when decoded (an RLE's runs not adding up to
+H x W): each a ValueError naming the file, the image id and the annotation id.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from lfi_jax.detection.masks import annotation_rle, check_segmentation, decode_rle
 
 PATH_OPTIONS = ("ann_file", "image_dir")
 OPTIONS = {"ann_file": None, "image_dir": None, "check_files": True, "masks": False}
@@ -156,6 +163,8 @@ class CocoDetection:
                 if (y0, x0, y1, x1) != (y, x, y + bh, x + bw):
                     n_clipped += 1
                     self._problem(f"{what}: outside the {w}x{h} image, clipped")
+                if opts["masks"]:
+                    check_segmentation(a, h, w, f"{where}: annotation {a.get('id')}")
                 boxes.append((y0, x0, y1, x1))
                 labels.append(cat_index[int(a["category_id"])])
                 anns.append(a)
@@ -226,10 +235,9 @@ class CocoDetection:
             "orig_size": (h, w),
         }
         if self.options["masks"]:
-            masks = [self.coco.annToMask(a).astype(np.float32) for a in self._anns[i] if a.get("segmentation")]
-            if len(masks) != len(self._anns[i]):
-                raise ValueError(f"{where}: option masks=True, but some annotations have no 'segmentation'")
-            out["masks"] = np.stack(masks) if masks else np.zeros((0, h, w), np.float32)
+            masks = [decode_rle(annotation_rle(a, h, w, f"{where}: annotation {a.get('id')}"), (h, w),
+                                f"{where}: annotation {a.get('id')}") for a in self._anns[i]]
+            out["masks"] = np.stack(masks) if masks else np.zeros((0, h, w), np.uint8)
         return out
 
     def __repr__(self) -> str:

@@ -15,6 +15,9 @@ Data config keys (`config.data`; defaults for DETR at COCO scale):
   pad_hw ((max_size, max_size))         the padded canvas
   max_boxes (100)                       targets per image
   stride (32)                           the backbone's total stride (feature grid)
+  masks (False), mask_stride (1)        carry instance masks as "masks" [B, max_boxes, Hp/s, Wp/s]
+                                        (`det_transforms.view_masks`; the segmentation task
+                                        turns `masks` on)
   mean, std (ImageNet's)                normalisation
   num_threads, prefetch, num_workers    as for classification
 """
@@ -62,10 +65,16 @@ class DetSettings:
         self.std = tuple(float(s) for s in _get(data_cfg, "std", IMAGENET_STD))
         aug = _get(data_cfg, "augment", {})
         self.augment = DetAugment.from_config(aug)
+        self.masks = bool(_get(data_cfg, "masks", False))
+        self.mask_stride = int(_get(data_cfg, "mask_stride", 1))
         if min(self.pad_hw) <= 0 or self.max_boxes <= 0 or self.stride <= 0:
             raise ValueError(
                 f"config.data.pad_hw={self.pad_hw}, max_boxes={self.max_boxes}, stride={self.stride} must be positive"
             )
+        if self.masks and (self.mask_stride <= 0 or self.pad_hw[0] % self.mask_stride
+                           or self.pad_hw[1] % self.mask_stride):
+            raise ValueError(f"config.data.mask_stride={self.mask_stride} must be positive and divide "
+                             f"config.data.pad_hw={self.pad_hw}")
 
 
 class _Prepare:
@@ -92,14 +101,14 @@ class _Prepare:
         rng = np.random.default_rng([self.seed, int(epoch), int(index)]) if self.train else None
         e = transform_detection(
             ex, entry, rng=rng, augment=s.augment if self.train else None, eval_size=s.eval_size,
-            max_size=s.max_size, mean=s.mean, std=s.std,
+            max_size=s.max_size, mean=s.mean, std=s.std, masks=s.masks, mask_stride=s.mask_stride,
         )
         if e.image.shape[0] > s.pad_hw[0] or e.image.shape[1] > s.pad_hw[1]:
             raise ValueError(
                 f"example {eid!r}: transformed to {e.image.shape[0]}x{e.image.shape[1]}, larger than "
                 f"config.data.pad_hw={s.pad_hw}"
             )
-        batch = collate([e], max_boxes=s.max_boxes, stride=s.stride, pad_hw=s.pad_hw)
+        batch = collate([e], max_boxes=s.max_boxes, stride=s.stride, pad_hw=s.pad_hw, mask_stride=s.mask_stride)
         return {k: v[0] for k, v in batch.items()}
 
     def blank(self) -> dict[str, np.ndarray]:

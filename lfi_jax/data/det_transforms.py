@@ -17,13 +17,27 @@ crop rule). The teacher map is transferred with exact area overlaps (as in
 the padded canvas: mass outside the region (cropped away, or padding) is dropped, cells the
 detector calls padding get 0, and the rest is renormalised to sum to 1.
 
+Instance masks (`masks=True`; records' "masks" [K, H, W], soft ink or {0, 1}) move with the
+boxes: binarised at `MASK_THRESHOLD` (0.5) and sampled by nearest neighbour at PIXEL CENTRES,
+output pixel (i, j) taking the source pixel under its centre, i.e. source row
+floor(y0 + (i + 0.5) * (y1 - y0) / oh) (clamped to the image), the same edge-aligned geometry
+as the image's resample (DETR resizes masks with torch's nearest, floor(i * in / out), which
+sits up to half a source pixel up/left of that; nearest keeps them binary, where
+bilinear-then-threshold would need the same 0.5 rule at every step of DETR's chain). A pixel
+is in a transformed box's mask exactly when its centre lies in the source mask: for a
+rectangle mask, when its centre lies in the transformed box. With `mask_stride` s > 1 the
+targets live on a grid of s x s canvas pixels, sampled at the centre (i + 0.5) * s of each
+cell (s = 4 is the mask head's own resolution, a deviation that saves memory at COCO
+scale: [max_boxes, Hp / s, Wp / s] per image). Masks of dropped boxes are dropped with them.
+
 Batching (`collate`): images padded at the bottom/right to `pad_hw` (fixed, for one compiled
 step) or to the batch's largest size rounded up to `pad_multiple`; `pixel_mask` True on the
 image; targets padded to `max_boxes` with a validity mask (normalised cxcywh boxes relative to
 the unpadded output image, as DETR predicts them); rows added up to `batch_size` have
-valid = 0. The feature grid is ceil(pad / stride) per side (a ResNet's stride-2 stages) and a
-cell is valid where the pixel nearest-sampled for it is (PyTorch's `interpolate(mode="nearest")`
-of the pixel mask, as DETR/transformers downsample it): `valid_cells`.
+valid = 0; with masks, "masks" bool [B, max_boxes, Hp / s, Wp / s] (slot t the mask of box t,
+zeros for padded slots, padded rows and canvas padding). The feature grid is ceil(pad / stride)
+per side (a ResNet's stride-2 stages) and a cell is valid where the pixel nearest-sampled for it
+is (PyTorch's `interpolate(mode="nearest")` of the pixel mask, as DETR/transformers downsample it): `valid_cells`.
 """
 
 from __future__ import annotations
@@ -39,6 +53,7 @@ from lfi_jax.data.transforms import MASS_EPS, overlap_matrix, resize_image
 from lfi_jax.detection.types import DetectionTargets
 from lfi_jax.teacher.types import Geometry, TeacherEntry
 
+MASK_THRESHOLD = 0.5  # a soft instance mask (ink alpha) is the object where >= this
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -160,6 +175,27 @@ def view_boxes(boxes: np.ndarray, view: View) -> tuple[np.ndarray, np.ndarray]:
     return out.astype(np.float32), keep
 
 
+def mask_cells(n: int, stride: int = 1) -> int:
+    """Cells of `stride` pixels along an image side of n pixels whose centre lies on the image."""
+    return (2 * int(n) + int(stride) - 1) // (2 * int(stride))
+
+
+def view_masks(masks: np.ndarray, view: View, stride: int = 1) -> np.ndarray:
+    """Instance masks [K, H, W] of the (flipped) source image on the output image: bool
+    [K, mask_cells(oh, s), mask_cells(ow, s)], nearest at pixel (cell) centres (module docstring)."""
+    m = np.asarray(masks)
+    if m.ndim != 3:
+        raise ValueError(f"instance masks {m.shape} must be [K, H, W]")
+    (y0, x0, y1, x1), (oh, ow) = view.box, view.out_hw
+
+    def index(n_out: int, lo: float, hi: float, n_src: int) -> np.ndarray:
+        centres = (np.arange(mask_cells(n_out, stride), dtype=np.float64) + 0.5) * stride
+        return np.clip(np.floor(lo + centres * ((hi - lo) / n_out)).astype(np.int64), 0, n_src - 1)
+
+    rows, cols = index(oh, y0, y1, m.shape[1]), index(ow, x0, x1, m.shape[2])
+    return np.ascontiguousarray(m[:, rows][:, :, cols] >= MASK_THRESHOLD)
+
+
 def feature_grid(pad_hw: Sequence[int], stride: int = 32) -> tuple[int, int]:
     """The detector's feature grid of a padded canvas: ceil(size / stride) per side."""
     return math.ceil(int(pad_hw[0]) / stride), math.ceil(int(pad_hw[1]) / stride)
@@ -230,6 +266,7 @@ class DetExample(NamedTuple):
     entry: TeacherEntry | None  # the (flipped) teacher entry
     image_id: int
     orig_size: tuple[int, int]
+    masks: np.ndarray | None = None  # bool [K, mh, mw] (`view_masks`) when asked for
 
 
 def transform_detection(
@@ -242,9 +279,14 @@ def transform_detection(
     max_size: int | None = 1333,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
+    masks: bool = False,
+    mask_stride: int = 1,
 ) -> DetExample:
-    """Train (`augment` and `rng` given): DETR's flip + resize/crop; eval: the resize to eval_size."""
+    """Train (`augment` and `rng` given): DETR's flip + resize/crop; eval: the resize to eval_size.
+    masks: also carry the record's instance masks (`view_masks`, on cells of `mask_stride` px)."""
     image = np.asarray(example["image"])
+    if masks:
+        _check_masks(example, image.shape[:2])
     if augment is not None:
         if rng is None:
             raise ValueError("transform_detection: train augmentation needs an rng")
@@ -266,7 +308,22 @@ def transform_detection(
     labels = np.asarray(example["labels"], np.int32).reshape(-1)[keep]
     iid = int(example.get("image_id", example.get("id", -1)))
     orig = tuple(int(s) for s in example.get("orig_size", image.shape[:2]))
-    return DetExample(np.ascontiguousarray(img, np.float32), cxcywh, labels, view, entry, iid, orig)
+    m = view_masks(example["masks"], view, mask_stride)[keep] if masks else None
+    return DetExample(np.ascontiguousarray(img, np.float32), cxcywh, labels, view, entry, iid, orig, m)
+
+
+def _check_masks(example: Mapping[str, Any], hw: tuple[int, ...]) -> None:
+    """The record's masks are [K, H, W] for its K boxes and H x W image (errors name the example)."""
+    eid = example.get("image_id", example.get("id", "?"))
+    m = example.get("masks")
+    if m is None:
+        raise ValueError(f"example {eid!r}: instance masks asked for (config.data.masks) but the record has no "
+                         "'masks' (a coco source needs data.options.masks=True)")
+    k = len(np.asarray(example["boxes"]).reshape(-1, 4))
+    shape = tuple(np.shape(m))
+    if shape != (k, int(hw[0]), int(hw[1])):
+        raise ValueError(f"example {eid!r}: masks of shape {shape} for {k} boxes on a {hw[0]}x{hw[1]} image "
+                         f"(expected {(k, int(hw[0]), int(hw[1]))})")
 
 
 def collate(
@@ -277,8 +334,10 @@ def collate(
     pad_hw: Sequence[int] | None = None,
     pad_multiple: int = 32,
     batch_size: int | None = None,
+    mask_stride: int = 1,
 ) -> dict[str, np.ndarray]:
-    """Pad images and targets into one batch (see the module docstring for the fields)."""
+    """Pad images and targets into one batch (see the module docstring for the fields); the
+    batch has "masks" when the examples carry them (all or none)."""
     n = len(examples)
     bs = n if batch_size is None else int(batch_size)
     if n == 0 or n > bs:
@@ -303,6 +362,14 @@ def collate(
         "size": np.ones((bs, 2), np.int32),
         "valid": np.zeros((bs,), np.float32),
     }
+    with_masks = [e.masks is not None for e in examples]
+    if any(with_masks):
+        if not all(with_masks):
+            missing = [e.image_id for e in examples if e.masks is None]
+            raise ValueError(f"collate: image ids {missing[:5]} carry no masks, others of the batch do")
+        if ph % mask_stride or pw % mask_stride:
+            raise ValueError(f"the pad size {ph}x{pw} is not divisible by config.data.mask_stride={mask_stride}")
+        out["masks"] = np.zeros((bs, max_boxes, ph // mask_stride, pw // mask_stride), bool)
     for b, e in enumerate(examples):
         oh, ow = e.image.shape[:2]
         if oh > ph or ow > pw:
@@ -315,6 +382,12 @@ def collate(
         out["labels"][b, :k] = e.labels
         out["boxes"][b, :k] = e.boxes
         out["box_valid"][b, :k] = True
+        if e.masks is not None:
+            mh, mw = e.masks.shape[1:]
+            if len(e.masks) != k or mh != mask_cells(oh, mask_stride) or mw != mask_cells(ow, mask_stride):
+                raise ValueError(f"image id {e.image_id}: masks {e.masks.shape} do not fit {k} boxes on a {oh}x{ow} "
+                                 f"image at mask_stride={mask_stride}")
+            out["masks"][b, :k, :mh, :mw] = e.masks
         out["key_mask"][b] = valid_cells((oh, ow), (ph, pw), (gh, gw)).reshape(-1)
         if e.entry is not None:
             t, ok = teacher_on_grid(e.entry, e.view, (ph, pw), (gh, gw))
@@ -334,6 +407,7 @@ def batch_targets(batch: Mapping[str, Any]) -> DetectionTargets:
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "MASK_THRESHOLD",
     "DetAugment",
     "DetExample",
     "View",
@@ -343,10 +417,12 @@ __all__ = [
     "feature_grid",
     "flip_entry",
     "flip_example",
+    "mask_cells",
     "resize_size",
     "sample_view",
     "teacher_on_grid",
     "transform_detection",
     "valid_cells",
     "view_boxes",
+    "view_masks",
 ]

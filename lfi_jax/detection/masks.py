@@ -12,6 +12,15 @@ Postprocessing (DETR's `PostProcessSegm`), in two halves:
   PyTorch's `interpolate(mode="nearest")` rule (source index floor(dst * in / out), in
   float32), as DETR does.
 
+The eval step of a trainer runs on the padded batch and gathers its outputs onto the host, so
+it returns the chosen queries' mask logits at the head's resolution (`select_mask_logits`,
+jnp: `mask_detections` without the resize) rather than masks on the padded canvas (at COCO
+scale [B, 100, 1333, 1333]). `masks_from_logits(mask_logits [K, h, w], padded_size,
+image_size, orig_size)` (numpy, host) then computes exactly what `mask_detections` +
+`masks_to_original` compute, but only at the pixels that survive: the bilinear resize is
+linear, so each original pixel's value is (row weights) @ logits @ (column weights)^T, with
+the weights of the padded-canvas pixel that the nearest rule picks for it.
+
 RLE (pycocotools' compressed format, `counts` as a str so results are JSON):
 `encode_masks(masks [K, H, W])` -> list of {"size": [H, W], "counts": str};
 `decode_rle(rle, (H, W), where)` -> uint8 [H, W]; `decode_masks` the inverse of
@@ -27,8 +36,13 @@ lies entirely outside the image (all its vertices beyond the same border) is REF
 with an odd number of coordinates, fewer than 3 points or non-finite coordinates: each a
 ValueError naming `where`.
 
+`check_segmentation(ann, height, width, where)` makes the same checks without rasterising
+(polygon bounds, an RLE's size; a compressed string's run total is checked when it is
+decoded): a source can check every annotation when it opens.
+
 `to_coco_segm_results` turns one batch of `mask_detections` outputs into COCO results with a
-"segmentation" RLE (and the box of `to_coco_results`) for `lfi_jax.eval.coco_segm`.
+"segmentation" RLE (and the box of `to_coco_results`) for `lfi_jax.eval.coco_segm`;
+`to_coco_segm_results_from_logits` does the same from `select_mask_logits` outputs.
 """
 
 from __future__ import annotations
@@ -50,6 +64,19 @@ RLE = dict[str, Any]  # {"size": [H, W], "counts": str | bytes | list[int]}
 # --------------------------------------------------------------------------- postprocessing
 
 
+def select_mask_logits(
+    logits: jax.Array, boxes: jax.Array, mask_logits: jax.Array, *, top_k: int | None = None
+) -> tuple[Detections, jax.Array]:
+    """(Detections of `postprocess`, the same queries' mask logits [B, K, h, w] in the same order)."""
+    b, q = logits.shape[:2]
+    if mask_logits.ndim != 4 or mask_logits.shape[:2] != (b, q):
+        raise ValueError(f"mask_logits {mask_logits.shape} must be [B, Q, h, w] with [B, Q] = {(b, q)} of the logits")
+    det = postprocess(logits, boxes, top_k=top_k)
+    scores = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., :-1].max(-1)
+    _, idx = jax.lax.top_k(scores, det.scores.shape[-1])  # postprocess's query order
+    return det, jax.vmap(lambda m, i: m[i])(mask_logits, idx)  # [B, K, h, w]
+
+
 def mask_detections(
     logits: jax.Array,
     boxes: jax.Array,
@@ -60,13 +87,7 @@ def mask_detections(
     threshold: float = 0.5,
 ) -> tuple[Detections, jax.Array]:
     """(Detections of `postprocess`, bool masks [B, K, Hp, Wp] of the same queries in the same order)."""
-    b, q = logits.shape[:2]
-    if mask_logits.ndim != 4 or mask_logits.shape[:2] != (b, q):
-        raise ValueError(f"mask_logits {mask_logits.shape} must be [B, Q, h, w] with [B, Q] = {(b, q)} of the logits")
-    det = postprocess(logits, boxes, top_k=top_k)
-    scores = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)[..., :-1].max(-1)
-    _, idx = jax.lax.top_k(scores, det.scores.shape[-1])  # postprocess's query order
-    chosen = jax.vmap(lambda m, i: m[i])(mask_logits, idx)  # [B, K, h, w]
+    det, chosen = select_mask_logits(logits, boxes, mask_logits, top_k=top_k)
     up = resize_bilinear(chosen, tuple(int(s) for s in padded_size))
     return det, jax.nn.sigmoid(up) > threshold
 
@@ -89,6 +110,50 @@ def masks_to_original(masks: np.ndarray, image_size: Sequence[int], orig_size: S
                          f"(or original size {h0}x{w0} is empty)")
     crop = masks[:, :h_in, :w_in].astype(bool)
     return crop[:, _nearest_index(h0, h_in)][:, :, _nearest_index(w0, w_in)]
+
+
+def _bilinear_rows(n_out: int, n_in: int, dst: np.ndarray) -> np.ndarray:
+    """[len(dst), n_in]: PyTorch's bilinear (align_corners=False) weights of output pixels `dst`."""
+    src = np.maximum((dst.astype(np.float64) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    frac = src - i0
+    w = np.zeros((len(dst), n_in), np.float64)
+    r = np.arange(len(dst))
+    np.add.at(w, (r, i0), 1.0 - frac)
+    np.add.at(w, (r, i1), frac)
+    return w
+
+
+def masks_from_logits(
+    mask_logits: np.ndarray,
+    padded_size: Sequence[int],
+    image_size: Sequence[int],
+    orig_size: Sequence[int],
+    *,
+    threshold: float = 0.5,
+) -> np.ndarray:
+    """float [K, h, w] mask logits of one image -> bool [K, H0, W0] at its original size.
+
+    The same masks as `mask_detections` (bilinear to `padded_size`, sigmoid > threshold)
+    followed by `masks_to_original` (crop to `image_size`, nearest to `orig_size`); see the
+    module docstring.
+    """
+    x = np.asarray(mask_logits, np.float32)
+    if x.ndim != 3:
+        raise ValueError(f"mask_logits {x.shape} must be [K, h, w]")
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"mask threshold {threshold} must lie in (0, 1)")
+    hp, wp = (int(s) for s in padded_size)
+    h_in, w_in = (int(s) for s in image_size)
+    h0, w0 = (int(s) for s in orig_size)
+    if not (0 < h_in <= hp and 0 < w_in <= wp) or h0 <= 0 or w0 <= 0:
+        raise ValueError(f"image size {h_in}x{w_in} does not fit the padded size {hp}x{wp} "
+                         f"(or original size {h0}x{w0} is empty)")
+    ry = _bilinear_rows(hp, x.shape[1], _nearest_index(h0, h_in)).astype(np.float32)  # [H0, h]
+    rx = _bilinear_rows(wp, x.shape[2], _nearest_index(w0, w_in)).astype(np.float32)  # [W0, w]
+    values = ry[None] @ x @ rx.T[None]  # [K, H0, W0]
+    return values > np.float32(np.log(threshold / (1.0 - threshold)))
 
 
 # --------------------------------------------------------------------------- RLE
@@ -186,8 +251,7 @@ def decode_masks(rles: Sequence[Mapping[str, Any]], size: Sequence[int], where: 
     return np.stack([decode_rle(r, (h, w), f"{where}[{k}]") for k, r in enumerate(rles)])
 
 
-def polygons_to_rle(polygons: Sequence[Sequence[float]], height: int, width: int, where: str) -> RLE:
-    """COCO polygons [[x0, y0, x1, y1, ...], ...] -> one compressed RLE (clipped to the image; see the docstring)."""
+def _checked_polygons(polygons: Any, height: int, width: int, where: str) -> list[list[float]]:
     if not isinstance(polygons, (list, tuple)) or not polygons:
         raise ValueError(f"{where}: a polygon segmentation is a non-empty list of [x0, y0, x1, y1, ...] lists")
     polys = []
@@ -207,6 +271,12 @@ def polygons_to_rle(polygons: Sequence[Sequence[float]], height: int, width: int
                 f"outside the {width}x{height} image"
             )
         polys.append(a.tolist())
+    return polys
+
+
+def polygons_to_rle(polygons: Sequence[Sequence[float]], height: int, width: int, where: str) -> RLE:
+    """COCO polygons [[x0, y0, x1, y1, ...], ...] -> one compressed RLE (clipped to the image; see the docstring)."""
+    polys = _checked_polygons(polygons, height, width, where)
     rle = mask_utils.merge(mask_utils.frPyObjects(polys, int(height), int(width)))
     counts = rle["counts"]
     if isinstance(counts, bytes):
@@ -214,14 +284,28 @@ def polygons_to_rle(polygons: Sequence[Sequence[float]], height: int, width: int
     return {"size": [int(height), int(width)], "counts": counts}
 
 
-def annotation_rle(ann: Mapping[str, Any], height: int, width: int, where: str) -> RLE:
-    """The compressed RLE of a COCO annotation's "segmentation" (polygons or RLE), checked against the image."""
+def _segmentation(ann: Mapping[str, Any], where: str) -> Any:
     seg = ann.get("segmentation")
     if seg is None or (isinstance(seg, (list, tuple)) and not seg):
         raise ValueError(f"{where}: no 'segmentation'")
+    return seg
+
+
+def annotation_rle(ann: Mapping[str, Any], height: int, width: int, where: str) -> RLE:
+    """The compressed RLE of a COCO annotation's "segmentation" (polygons or RLE), checked against the image."""
+    seg = _segmentation(ann, where)
     if isinstance(seg, Mapping):
         return compress_rle(seg, (height, width), where)
     return polygons_to_rle(seg, height, width, where)
+
+
+def check_segmentation(ann: Mapping[str, Any], height: int, width: int, where: str) -> None:
+    """`annotation_rle`'s checks without rasterising (a compressed string's runs are checked when decoded)."""
+    seg = _segmentation(ann, where)
+    if isinstance(seg, Mapping):
+        compress_rle(seg, (height, width), where, check_counts=False)
+    else:
+        _checked_polygons(seg, height, width, where)
 
 
 # --------------------------------------------------------------------------- results
@@ -264,16 +348,53 @@ def to_coco_segm_results(
     return out
 
 
+
+def to_coco_segm_results_from_logits(
+    detections: Detections,
+    mask_logits: np.ndarray,
+    image_ids: Sequence[int] | np.ndarray,
+    padded_size: Sequence[int],
+    image_sizes: np.ndarray,
+    orig_sizes: np.ndarray,
+    category_ids: Sequence[int],
+    *,
+    valid: np.ndarray | None = None,
+    threshold: float = 0.5,
+) -> list[dict[str, Any]]:
+    """`to_coco_segm_results` of `select_mask_logits` outputs (mask_logits [B, K, h, w] in the
+    detections' order; padded_size the batch canvas (Hp, Wp)), masks by `masks_from_logits`."""
+    boxes = to_coco_results(detections, image_ids, orig_sizes, category_ids, valid=None, min_score=-np.inf)
+    scores = np.asarray(detections.scores)
+    mask_logits = np.asarray(mask_logits)
+    b, k = scores.shape
+    if mask_logits.ndim != 4 or mask_logits.shape[:2] != (b, k):
+        raise ValueError(f"mask_logits {mask_logits.shape} do not match the detections [B, K] = {(b, k)}")
+    sizes = np.asarray(image_sizes).reshape(b, 2)
+    origs = np.asarray(orig_sizes).reshape(b, 2)
+    out = []
+    for i in range(b):
+        if valid is not None and not valid[i]:
+            continue
+        masks = masks_from_logits(mask_logits[i], padded_size, sizes[i], origs[i], threshold=threshold)
+        for j, rle in enumerate(encode_masks(masks)):
+            out.append(dict(boxes[i * k + j], segmentation=rle))
+    return out
+
+
 __all__ = [
     "RLE",
     "annotation_rle",
+    "check_segmentation",
     "compress_rle",
     "decode_masks",
     "decode_rle",
     "encode_masks",
     "mask_detections",
+    "masks_from_logits",
     "masks_to_original",
     "polygons_to_rle",
+    "select_mask_logits",
     "string_counts",
     "to_coco_segm_results",
+    "to_coco_segm_results_from_logits",
 ]
