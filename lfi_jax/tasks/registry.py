@@ -3,12 +3,13 @@ object is passed around, never the name."""
 
 from __future__ import annotations
 
-from lfi_jax.tasks import Task, classification, detection
+from lfi_jax.tasks import Task, classification, detection, segmentation
 
 DEFAULT = "classification"
 TASKS: dict[str, Task] = {
     "classification": classification.TASK,
     "detection": detection.TASK,
+    "segmentation": segmentation.TASK,
 }
 
 
