@@ -47,7 +47,7 @@ with its grid, table and plot functions in an `Experiment` (base.py); cells.py m
 config and names its workdir, runner.py trains the cells and writes the outputs, cli.py is the
 command line. The main job (`lfi_jax.demo`) is a preset of the same runner.
 
-Budgets: `full` (default) uses the config as written (the demo: 1,000 steps of batch 128,
+Budgets: `full` (default) uses the config as written (the demo: 800 steps of batch 128,
 the same budget as the main job; 3-5 minutes per cell on 2 CPU cores, see docs/experiments.md);
 `small` trains each demo cell for 300 steps (the demo's batch, evaluation every 50 steps on 500 test
 images per split) for quick looks: at that budget the from-scratch ViT is still on its loss
