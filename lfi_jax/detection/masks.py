@@ -53,12 +53,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from pycocotools import mask as mask_utils
 
 from lfi_jax.detection.postprocess import Detections, postprocess, to_coco_results
 from lfi_jax.detection.seg_losses import resize_bilinear
 
 RLE = dict[str, Any]  # {"size": [H, W], "counts": str | bytes | list[int]}
+
+
+def _mask_utils():
+    """pycocotools' mask module, imported when first needed: the classification path (the main
+    job) imports this module through the data sources and must not need the detection extra."""
+    try:
+        from pycocotools import mask
+    except ImportError as e:  # pragma: no cover - depends on the install
+        raise ImportError("instance masks need pycocotools: pip install 'lfi-jax[detection]'") from e
+    return mask
 
 
 # --------------------------------------------------------------------------- postprocessing
@@ -166,7 +175,7 @@ def encode_masks(masks: np.ndarray) -> list[RLE]:
         raise ValueError(f"masks {masks.shape} must be [K, H, W]")
     if masks.shape[0] == 0:
         return []
-    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    rles = _mask_utils().encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
     out = []
     for r in rles:
         counts = r["counts"]
@@ -221,7 +230,7 @@ def compress_rle(rle: Mapping[str, Any], size: Sequence[int], where: str, *, che
         if any((not isinstance(c, (int, np.integer))) or c < 0 for c in counts) or sum(counts) != h * w:
             raise ValueError(f"{where}: uncompressed RLE counts must be non-negative integers summing to "
                              f"{h}x{w} = {h * w} pixels (they sum to {sum(c for c in counts if isinstance(c, int))})")
-        counts = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)["counts"]
+        counts = _mask_utils().frPyObjects({"size": [h, w], "counts": counts}, h, w)["counts"]
     if isinstance(counts, bytes):
         counts = counts.decode("ascii")
     if not isinstance(counts, str):
@@ -240,7 +249,7 @@ def compress_rle(rle: Mapping[str, Any], size: Sequence[int], where: str, *, che
 def decode_rle(rle: Mapping[str, Any], size: Sequence[int], where: str) -> np.ndarray:
     """One RLE -> uint8 [H, W] (the size checked against the image's, see the module docstring)."""
     c = compress_rle(rle, size, where)
-    return np.asarray(mask_utils.decode({"size": c["size"], "counts": c["counts"].encode("ascii")}), np.uint8)
+    return np.asarray(_mask_utils().decode({"size": c["size"], "counts": c["counts"].encode("ascii")}), np.uint8)
 
 
 def decode_masks(rles: Sequence[Mapping[str, Any]], size: Sequence[int], where: str = "masks") -> np.ndarray:
@@ -277,7 +286,7 @@ def _checked_polygons(polygons: Any, height: int, width: int, where: str) -> lis
 def polygons_to_rle(polygons: Sequence[Sequence[float]], height: int, width: int, where: str) -> RLE:
     """COCO polygons [[x0, y0, x1, y1, ...], ...] -> one compressed RLE (clipped to the image; see the docstring)."""
     polys = _checked_polygons(polygons, height, width, where)
-    rle = mask_utils.merge(mask_utils.frPyObjects(polys, int(height), int(width)))
+    rle = _mask_utils().merge(_mask_utils().frPyObjects(polys, int(height), int(width)))
     counts = rle["counts"]
     if isinstance(counts, bytes):
         counts = counts.decode("ascii")

@@ -28,7 +28,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
-from pycocotools.cocoeval import COCOeval
 
 from lfi_jax.detection.masks import annotation_rle, compress_rle
 from lfi_jax.eval.coco import load_coco
@@ -80,6 +79,8 @@ def _checked_results(coco_gt, results: Sequence[Mapping[str, Any]], where: str) 
 
 def run_cocoeval(coco_gt, results: list[dict[str, Any]], image_ids: list[int], iou_type: str) -> tuple[np.ndarray, str]:
     """COCOeval(iou_type) on `image_ids`, its output captured: (stats [12], log)."""
+    from pycocotools.cocoeval import COCOeval  # the detection extra; imported when used
+
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         coco_dt = coco_gt.loadRes(results)
