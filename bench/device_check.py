@@ -19,8 +19,9 @@ with its error while the others still run; in-process on CPU):
      of a short list that fits.
   d  the LLaVA export at LLaVA-1.5-7B sizes with random weights in bf16 (bench/teacher_export.py
      "real"), skipped with a line saying why when torch has no GPU.
-On a CPU both modes run tiny sizes (the test suite runs `--quick` so it cannot rot); pallas runs
-there in the interpreter (its timings mean nothing and are not taken).
+On a CPU both modes run tiny sizes (the test suite runs `--quick` so it cannot rot): part b times
+only impl="chunked" and part c only the I-ViT; pallas runs there in the interpreter (its timings
+mean nothing and are not taken).
 
 If XLA's GPU autotuner crashes the train step (CUDA_ERROR_ILLEGAL_ADDRESS has been reported
 for JAX ViT training on H100), part c is retried once with XLA_FLAGS=--xla_gpu_autotune_level=0
@@ -82,12 +83,16 @@ class Sizes:
     sweep: tuple  # Tiles candidates (pallas, on the device)
     train: tuple  # (variant, image_size, batches to try)
     steps: int
+    models: tuple = (False, True)  # part c: the ViT, the I-ViT (ivit flag)
+    impls: tuple = ("xla", "chunked")  # part b: the non-Pallas implementations timed
 
 
 def sizes_for(mode: str, backend: str) -> Sizes:
-    if backend == "cpu":  # tiny, both modes: checks that everything runs
+    if backend == "cpu":  # tiny, both modes: checks that everything runs (the I-ViT step covers the ViT's code
+        # and part a's reference already runs impl="xla": one model, one timed impl)
         return Sizes(correct=((24, 24, "float32", 8, False), (8, 24, "bfloat16", 0, True)), heads=2, dim=16,
-                     timing_n=(37,), timing_h=(2,), sweep=(), train=(("tiny", 32, (2,)),), steps=2)
+                     timing_n=(37,), timing_h=(2,), sweep=(), train=(("tiny", 32, (2,)),), steps=2, models=(True,),
+                     impls=("chunked",))
     corr = [(n, n, dt, g, False) for n in (197, 577, 785) for dt in ("bfloat16", "float32") for g in (0, 8)]
     corr += [(200, 200, "bfloat16", 8, True), (100, 850, "float32", 8, True), (100, 850, "bfloat16", 0, True)]
     base = default_tiles(backend)
@@ -210,6 +215,7 @@ def part_b(sz: Sizes, budget: float, backend: str) -> dict:
     rows, t0 = [], time.perf_counter()
     impls = {"xla": _xla, "chunked": lambda q, q2, k, v, g, m: interaction_attention(q, q2, k, v, g, impl="chunked",
                                                                                      key_mask=m)}
+    impls = {name: op for name, op in impls.items() if name in sz.impls}
     if backend != "cpu":
         impls["pallas"] = _pallas()
     tokens = 4 * 37 if backend == "cpu" else 16 * 785
@@ -296,7 +302,7 @@ def part_c(sz: Sizes, budget: float, backend: str) -> dict:
     dtype = "float32" if backend == "cpu" else "bfloat16"
     peak = PEAK_BF16.get(generation(backend)) if backend != "cpu" else None
     for name, image, batches in sz.train:
-        for ivit in (False, True):
+        for ivit in sz.models:
             label = ("I-ViT-" if ivit else "ViT-") + name
             mcfg = _model(name, image, ivit, attn, dtype)
             row = {"model": label, "image_size": image, "dtype": dtype, "attn_impl": attn}
