@@ -149,3 +149,157 @@ def test_dense_teacher_store_joins_the_train_pipeline(tmp_path):
     config.teacher.store = str(tmp_path / "other")
     with pytest.raises(ValueError, match="clutter"):
         TASK.train_iterator(config, mcfg, config.teacher, seed=0)
+
+
+# --------------------------------------------------------------------------- Conditional-DETR, init
+
+
+def _cond_config(**model):
+    config = _config()
+    config.model.arch = "conditional_detr"
+    config.model.update(model)
+    return config
+
+
+def _params(model):
+    return {tuple(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def test_model_arch_selects_conditional_detr_and_unset_gate_bias_follows_init():
+    from lfi_jax.models.conditional_detr import ConditionalDetr, ConditionalDetrConfig
+    from lfi_jax.models.detr import PRETRAINED_GATE_BIAS, DetrConfig
+
+    config = _cond_config(gate_bias_init=None)
+    mcfg = TASK.model_config(config)
+    assert type(mcfg) is ConditionalDetrConfig and mcfg.gate_bias_init == (0.0, 0.0)
+    assert isinstance(TASK.new_model(mcfg, 0), ConditionalDetr)
+    config.init.hf = "/some/checkpoint"
+    assert TASK.model_config(config).gate_bias_init == PRETRAINED_GATE_BIAS
+    assert type(TASK.model_config(_config())) is DetrConfig
+    config.model.arch = "yolo"
+    with pytest.raises(ValueError, match="model.arch"):
+        TASK.model_config(config)
+
+
+def test_load_model_takes_non_architecture_fields_from_the_config(tmp_path):
+    """A DETR checkpoint into a config differing in gate_bias_init / gate_hidden / dropout (not
+    architecture): every tensor is the checkpoint's, the run's fields are the config's."""
+    from lfi_jax.models.convert.detr import save_hf_detr
+
+    config = _config()
+    config.model.update(dict(interaction_queries=False, interaction_constraint=False))
+    saved = TASK.new_model(TASK.model_config(config), 7)
+    save_hf_detr(saved, str(tmp_path / "detr"))
+    config.model.update(dict(gate_bias_init=(1.0, 2.0), gate_hidden=4, dropout=0.2))
+    config.init.hf = str(tmp_path / "detr")
+    mcfg = TASK.model_config(config)
+    got = TASK.load_model(config, mcfg, 0)
+    assert got.cfg == mcfg
+    want = _params(saved)
+    assert _params(got).keys() == want.keys()
+    for p, v in _params(got).items():
+        np.testing.assert_array_equal(v, want[p], err_msg=str(p))
+
+
+def test_conditional_detr_checkpoint_into_an_i_model_keeping_the_source_class_rows(tmp_path):
+    from lfi_jax.models.convert.conditional_detr import save_hf_conditional_detr
+    from lfi_jax.models.detr import PRETRAINED_GATE_BIAS
+
+    few = dict(OPTIONS, classes=3, shots=2, class_seed=0)
+    config = _cond_config(num_classes=11, interaction_queries=False, interaction_constraint=False)
+    saved = TASK.new_model(TASK.model_config(config), 3)
+    # a checkpoint whose id2label names the digits by category id (1 -> "0", ..., 10 -> "9")
+    save_hf_conditional_detr(saved, str(tmp_path / "cd"), id2label={0: "N/A", **{i: str(i - 1) for i in range(1, 11)}})
+    config = _cond_config(num_classes=3, gate_bias_init=None)
+    config.data.options = few
+    config.init.hf = str(tmp_path / "cd")
+    mcfg = TASK.model_config(config)
+    got = TASK.load_model(config, mcfg, 0)
+    src = ShortcutDigitsDet("train", few)
+    cats = src.category_ids
+    assert len(cats) == 3 and src.class_names == [str(c - 1) for c in cats]
+    g, s = _params(got), _params(saved)
+    head = "class_labels_classifier"
+    np.testing.assert_array_equal(g[(head, "kernel")], s[(head, "kernel")][:, cats])
+    np.testing.assert_array_equal(g[(head, "bias")], s[(head, "bias")][cats])
+    for i in range(mcfg.decoder_layers):
+        for leaf in ("kernel", "bias"):
+            np.testing.assert_array_equal(g[("decoder", "layers", i, "encoder_attn", "interaction_query", leaf)],
+                                          s[("decoder", "layers", i, "ca_qcontent_proj", leaf)])
+        b2 = g[("decoder", "layers", i, "encoder_attn", "gate", "b2")]  # [heads, 2]: the gate's output bias
+        np.testing.assert_array_equal(b2, np.tile(PRETRAINED_GATE_BIAS, (len(b2), 1)))
+    for p, v in s.items():
+        if p[0] != "class_labels_classifier":
+            np.testing.assert_array_equal(g[p], v, err_msg=str(p))
+    # class_head="fresh": a new head, not the checkpoint's rows
+    config.init.class_head = "fresh"
+    fresh = _params(TASK.load_model(config, mcfg, 0))[("class_labels_classifier", "kernel")]
+    assert fresh.shape == (8, 3) and not np.allclose(fresh, s[("class_labels_classifier", "kernel")][:, cats])
+
+
+def test_init_backbone_reads_a_transformers_resnet(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = _cond_config()
+    mcfg = TASK.model_config(config)
+    bb = mcfg.backbone
+    hf = transformers.ResNetConfig(embedding_size=bb.embedding_size, hidden_sizes=list(bb.hidden_sizes),
+                                   depths=list(bb.depths), layer_type=bb.layer_type,
+                                   downsample_in_first_stage=bb.downsample_in_first_stage,
+                                   downsample_in_bottleneck=bb.downsample_in_bottleneck)
+    torch.manual_seed(0)
+    ref = transformers.ResNetModel(hf).eval()
+    with torch.no_grad():  # non-trivial frozen statistics
+        for m in ref.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    ref.save_pretrained(str(tmp_path / "resnet"))
+    config.init.backbone = str(tmp_path / "resnet")
+    model = TASK.load_model(config, mcfg, 0)
+    x = np.random.default_rng(0).normal(size=(1, 3, 32, 48)).astype(np.float32)
+    with torch.no_grad():
+        want = ref(torch.as_tensor(x)).last_hidden_state.numpy().transpose(0, 2, 3, 1)
+    got = np.asarray(model.backbone(jnp.asarray(x.transpose(0, 2, 3, 1)))[-1])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    config.init.hf = "/elsewhere"
+    with pytest.raises(ValueError, match="set one"):
+        TASK.load_model(config, mcfg, 0)
+
+
+def _runlocal(tmp_path, name, arg):
+    from lfi_jax.config import load_config_file
+    from lfi_jax.data.sources import get_source
+    from lfi_jax.teacher.export import export_store
+    from lfi_jax.train import train_and_evaluate
+
+    c = load_config_file(name, arg)
+    c.total_steps, c.checkpoint_every = 2, 0
+    if c.model.interaction_constraint:  # a dense oracle store of the whole train split
+        pytest.importorskip("array_record")
+        opts = {k: v for k, v in c.data.options.to_dict().items() if k != "subset_seed"}
+        src = get_source(c.data.source, c.data.train_split, opts)
+        export_store(src, str(tmp_path / "store"), "oracle_dense", data_spec=c.data.source, progress=False,
+                     grid=int(c.teacher.get("grid", 16)))
+        c.teacher.store = str(tmp_path / "store")
+    out = train_and_evaluate(c, str(tmp_path / "run"))
+    assert out["step"] == 2 and np.isfinite(out["val/AP"]) and 0.0 <= out["val/AP50"] <= 1.0
+    return c, out
+
+
+@pytest.mark.slow  # compiles a Conditional-DETR train step
+def test_conddetr_demo_iconddetr_runlocal_trains_and_evaluates(tmp_path):
+    c, _ = _runlocal(tmp_path, "conddetr_demo", "iconddetr,runlocal")
+    assert c.model.arch == "conditional_detr" and c.model.interaction_queries
+
+
+@pytest.mark.slow  # compiles a Conditional-DETR train step
+def test_voc_conddetr_runlocal_trains_and_evaluates_on_a_subset(tmp_path):
+    import json
+
+    c, _ = _runlocal(tmp_path, "voc_conddetr", "runlocal")
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert c.data.data_ratio == 0.5 and c.model.interaction_constraint
+    assert info["data"]["num_examples"] == 9  # the subset: 3 of each class's 6 few-shot train images
