@@ -101,7 +101,7 @@ def get_config(arg: str = "idetr") -> ml_collections.ConfigDict:
 
     if a.get("mode") == "runlocal":
         c.name += "-runlocal"
-        c.total_steps, c.batch_size, c.eval_batch_size = 4, 4, 4
+        c.total_steps, c.batch_size, c.eval_batch_size = 4, 8, 8  # divisible by up to 8 devices
         c.log_every, c.eval_every, c.checkpoint_every = 1, 0, 2
         c.data.options.update(dict(canvas=64, num_train=16, num_val=4, size_range=(16, 32)))
         c.data.augment.update(dict(scales=(64,), max_size=64, crop_pre_scales=(64,), crop_size=(32, 64)))
