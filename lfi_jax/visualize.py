@@ -14,6 +14,9 @@ so C_vfm is the original queries' map even where the model attends with C_f. `--
 adds the C_vfm column of a second run (e.g. the plain ViT). The examples are drawn across the
 classes (round robin over the classes, each class shuffled with `--seed`), or, with `--start I`,
 the n consecutive examples from index I; each row names the true and the predicted class.
+For a detection (or segmentation) run the columns are the image (ground-truth and predicted
+boxes), the dense teacher C_vlm and the decoder's cross-attention (C_agt; C_vfm for DETR), mean
+over heads and object queries, on the feature grid (`dense_maps_figure`, lfi_jax.eval.dense_maps).
 
 convergence (Fig. 3): accuracy against step from each run's metrics.jsonl, and the step at
 which each run first reaches the first run's final accuracy (the "x times faster" number).
@@ -45,16 +48,11 @@ import numpy as np
 
 from lfi_jax.cli import run_cli
 from lfi_jax.data.sources import get_source
+from lfi_jax.eval import examples as evx
 from lfi_jax.eval.attention import compute_maps, cosine, select
 from lfi_jax.eval.curves import first_step_reaching, load_curve
-from lfi_jax.eval.examples import (
-    TeacherSource,
-    default_split,
-    load_examples,
-    model_class_names,
-    sample_across_classes,
-    source_labels,
-)
+from lfi_jax.eval.dense_maps import DenseTeacher, decoder_maps, is_dense, load_dense_examples, pick
+from lfi_jax.eval.examples import TeacherSource, default_split, load_examples, model_class_names
 from lfi_jax.eval.figures import color_for, draw_curve, pyplot
 from lfi_jax.eval.predict import eval_data_config
 from lfi_jax.fileio import save_figure, write_json_atomic
@@ -95,32 +93,26 @@ def _overlay(ax, image: np.ndarray, m: np.ndarray | None, grid: tuple[int, int],
     if m is not None:
         g = np.asarray(m, np.float64).reshape(grid)
         top = g.max()
-        ax.imshow(
-            g / top if top > 0 else g,
-            extent=(0, w, h, 0),
-            cmap="inferno",
-            alpha=0.75,
-            vmin=0,
-            vmax=1,
-            interpolation="nearest",
-        )
+        ax.imshow(g / top if top > 0 else g, extent=(0, w, h, 0), cmap="inferno", alpha=0.75, vmin=0, vmax=1,
+                  interpolation="nearest")
     else:
-        ax.text(
-            w / 2,
-            h / 2,
-            note or "n/a",
-            ha="center",
-            va="center",
-            color="white",
-            fontsize=8,
-            bbox=dict(facecolor="black", alpha=0.6),
-        )
+        ax.text(w / 2, h / 2, note or "n/a", ha="center", va="center", color="white", fontsize=8,
+                bbox=dict(facecolor="black", alpha=0.6))
     ax.set_xlim(0, w)
     ax.set_ylim(h, 0)
     ax.set_xticks([])
     ax.set_yticks([])
     if title:
         ax.set_title(title, fontsize=8)
+
+
+def _image_cell(ax, img: np.ndarray, title: bool, ylabel: str) -> None:
+    ax.imshow(img, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title("image", fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=7)
 
 
 # --------------------------------------------------------------------------- maps (Fig. 5)
@@ -144,6 +136,11 @@ def maps_figure(
     """Fig. 5 for n examples (drawn across classes with `seed`, or consecutive from `start`)."""
     devices = devices or jax.devices()[:1]
     run = load_run(workdir, devices=devices)
+    if is_dense(run):
+        if data:
+            raise ValueError(f"--data: a {run.task.name} run is drawn on its own data ({run.config.data.source})")
+        return dense_maps_figure(run, out, split=split, n=n, start=start, seed=seed, layer=layer, head=head,
+                                 teacher=teacher, compare=compare, devices=devices)
     data_cfg = eval_data_config(run.config, data)
     split = split or default_split(run, data_cfg)
     tsrc = TeacherSource(run, data_cfg, split, teacher)
@@ -151,7 +148,7 @@ def maps_figure(
     if start is not None:
         idx = list(range(start, min(start + n, len(source))))
     else:
-        idx = sample_across_classes(source_labels(source), len(source), n, seed)
+        idx = evx.sample_across_classes(evx.source_labels(source), len(source), n, seed)
     if not idx:
         raise ValueError(f"{data_cfg.source}/{split}: no examples to draw (it has {len(source)}; --start {start})")
     n = len(idx)
@@ -179,12 +176,7 @@ def maps_figure(
         for c, (title, m) in enumerate(cols):
             ax = axes[r][c]
             if c == 0:
-                ax.imshow(img, interpolation="nearest")
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if r == 0:
-                    ax.set_title("image", fontsize=8)
-                ax.set_ylabel(f"true {true_names[ex['labels'][r]]}\npred {pred_names[pred[r]]}", fontsize=7)
+                _image_cell(ax, img, r == 0, f"true {true_names[ex['labels'][r]]}\npred {pred_names[pred[r]]}")
                 continue
             note = {"C_agt": "no interaction\nqueries", "C_vlm (teacher)": no_teacher}.get(title, "n/a")
             if title.startswith("C_vlm") and not has_teacher[r]:
@@ -218,6 +210,66 @@ def maps_figure(
         "teacher_maps": int(has_teacher.sum()),
         "examples": rows,
     }
+
+
+def _draw_boxes(ax, boxes: np.ndarray, color: str) -> None:
+    from matplotlib.patches import Rectangle
+
+    for x0, y0, x1, y1 in np.asarray(boxes, np.float64).reshape(-1, 4):
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=color, lw=1.0))
+
+
+def dense_maps_figure(run, out: str, *, split: str | None = None, n: int = 8, start: int | None = None,
+                      seed: int = 0, layer: int | str = -1, head: int | str = "mean", teacher: str | None = None,
+                      compare: str | None = None, devices=None) -> dict[str, Any]:
+    """Fig. 5 for a detection run: per image (n drawn with `seed`, or consecutive from `start`)
+    the image (ground-truth boxes green, predictions scoring >= 0.5 red), the dense teacher
+    C_vlm and the decoder's cross-attention (C_agt; C_vfm for DETR) averaged over heads and
+    object queries, on the feature grid (`lfi_jax.eval.dense_maps`)."""
+    if head != "mean":
+        raise ValueError(f"--head {head}: the dense maps are means over heads and object queries (--head mean)")
+    data = run.config.data
+    split = split or str(data.eval_splits[0])
+    idx = pick(len(get_source(data.source, split, data.options.to_dict())), n, start, seed)
+    if not idx:
+        raise ValueError(f"{data.source}/{split}: no images to draw (--start {start})")
+    tsrc = DenseTeacher(run, split, teacher)
+    ex = load_dense_examples(run, split, idx, tsrc)
+    dec = decoder_maps(run, ex, layer)
+    cols = [("image", None), ("C_vlm (teacher)", ex.teacher), (dec["kind"], dec["map"])]
+    if compare:
+        cname, cpath = parse_named(compare)
+        crun = load_run(cpath, devices=devices)
+        if not is_dense(crun) or tuple(crun.config.data.pad_hw) != tuple(data.pad_hw):
+            raise ValueError(f"--compare {cpath}: not a detection run on the padded size {tuple(data.pad_hw)}")
+        cdec = decoder_maps(crun, ex, layer)
+        cols.append((f"{cdec['kind']} ({cname})", cdec["map"]))
+    has_teacher = ex.teacher_mask > 0
+    plt = pyplot()
+    fig, axes = plt.subplots(len(idx), len(cols), figsize=(1.9 * len(cols), 1.9 * len(idx) + 0.4), squeeze=False)
+    for r in range(len(idx)):
+        img = ex.display[r]
+        keep = dec["scores"][r] >= 0.5
+        for c, (title, m) in enumerate(cols):
+            ax = axes[r][c]
+            if c == 0:
+                _image_cell(ax, img, r == 0, f"id {ex.ids[r]}\n{len(ex.boxes[r])} objects, {int(keep.sum())} pred")
+                _draw_boxes(ax, ex.boxes[r], "lime")
+                _draw_boxes(ax, dec["boxes"][r][keep], "red")
+                continue
+            if title.startswith("C_vlm") and not has_teacher[r]:
+                m = None
+            note = "no teacher map" if title.startswith("C_vlm") else "n/a"
+            _overlay(ax, img, None if m is None else m[r], ex.grid, title if r == 0 else None, note)
+    fig.suptitle(f"Decoder cross-attention, mean over heads and object queries, {layer_name(layer, dec['layers'])} "
+                 f"({data.source}/{split})", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, out)
+    rows = [{"index": int(i), "id": ex.ids[r], "objects": len(ex.boxes[r]), "teacher_map": bool(has_teacher[r]),
+             "predicted": int((dec["scores"][r] >= 0.5).sum())} for r, i in enumerate(idx)]
+    return {"out": out, "data": data.source, "split": split, "columns": [c for c, _ in cols], "rows": len(idx),
+            "teacher": tsrc.describe, "teacher_maps": int(has_teacher.sum()), "attention": dec["kind"],
+            "grid": list(ex.grid), "examples": rows}
 
 
 # --------------------------------------------------------------------------- convergence (Fig. 3)
@@ -333,22 +385,11 @@ def similarity(
         plt = pyplot()
         fig, ax = plt.subplots(figsize=(1.3 * len(bars) + 2, 3.8))
         names = list(bars)
-        ax.bar(
-            range(len(names)),
-            [bars[k]["mean"] for k in names],
-            yerr=[bars[k]["std"] for k in names],
-            capsize=3,
-            color=[MAP_COLORS.get(k, "tab:purple") for k in names],
-        )
+        ax.bar(range(len(names)), [bars[k]["mean"] for k in names], yerr=[bars[k]["std"] for k in names], capsize=3,
+               color=[MAP_COLORS.get(k, "tab:purple") for k in names])
         for i, k in enumerate(names):
-            ax.text(
-                i,
-                bars[k]["mean"] + bars[k]["std"] + 0.01,
-                f"{bars[k]['mean']:.3f}",
-                ha="center",
-                va="bottom",
-                fontsize=8,
-            )
+            ax.text(i, bars[k]["mean"] + bars[k]["std"] + 0.01, f"{bars[k]['mean']:.3f}", ha="center", va="bottom",
+                    fontsize=8)
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels([k.replace(" (", "\n(") for k in names], fontsize=8)
         ax.set_ylabel("cosine similarity to the human map")
@@ -427,34 +468,13 @@ def _main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
     setup_logging()
     if a.cmd == "maps":
-        r = maps_figure(
-            a.workdir,
-            a.out,
-            data=a.data,
-            split=a.split,
-            n=a.n,
-            start=a.start,
-            seed=a.seed,
-            layer=parse_layer(a.layer),
-            head=parse_layer(a.head),
-            teacher=a.teacher,
-            compare=a.compare,
-        )
+        r = maps_figure(a.workdir, a.out, data=a.data, split=a.split, n=a.n, start=a.start, seed=a.seed,
+                        layer=parse_layer(a.layer), head=parse_layer(a.head), teacher=a.teacher, compare=a.compare)
         print(json.dumps(r))
     elif a.cmd == "similarity":
-        r = similarity(
-            a.workdir,
-            a.human,
-            data=a.data,
-            split=a.split,
-            n=a.n,
-            start=a.start,
-            layer=parse_layer(a.layer),
-            head=parse_layer(a.head),
-            teacher=a.teacher,
-            compare=a.compare,
-            out=a.out,
-        )
+        r = similarity(a.workdir, a.human, data=a.data, split=a.split, n=a.n, start=a.start,
+                       layer=parse_layer(a.layer), head=parse_layer(a.head), teacher=a.teacher, compare=a.compare,
+                       out=a.out)
         print(format_similarity(r))
     else:
         r = convergence_figure(_runs_arg(a.runs), a.out, metric=a.metric)
