@@ -414,10 +414,17 @@ def parse_arg(arg: str, known: dict[str, tuple[str, ...]]) -> dict[str, str]:
 
 
 def set_ablation(config, name: str) -> None:
+    """The model flags of Table 3 row `name`, then the config's own settings for that row:
+    `config.row_edits.<name>`, a tuple of (dotted key, value) pairs (configs/demo.py gives the
+    ViT its own learning rate), so a row gets them whether it comes from the config file's
+    argument or from the experiment runner's cells."""
     iq, ic, gc = ABLATIONS[name]
     config.model.interaction_queries = iq
     config.model.interaction_constraint = ic
     config.model.gated_control = gc
+    row_edits = config.get("row_edits", None)
+    for key, value in (row_edits.get(name, ()) if row_edits else ()):
+        set_key(config, key, value)
 
 
 # The paper's frozen setting (section 5.1.2): the pretrained transformer layers frozen, only the

@@ -96,6 +96,7 @@ def config_hash(config) -> str:
         "checkpoint_every",
         "keep_checkpoints",
         "async_checkpointing",
+        "row_edits",  # what they change is in the keys they set
     ):
         d.pop(k, None)
     d.get("teacher", {}).pop("store", None)
