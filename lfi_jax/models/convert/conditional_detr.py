@@ -20,16 +20,12 @@ extra tensors (`...encoder_attn.interaction_query.*`, `...gate.*`) and its switc
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import re
 from typing import Any, Mapping
 
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from lfi_jax.fileio import write_json_atomic
 from lfi_jax.models.conditional_detr import (
     PRIOR_PROB,
     ConditionalDetr,
@@ -45,8 +41,17 @@ from lfi_jax.models.convert.detr import (
     normalize_hf_detr_names,
     to_hf_array,
 )
-from lfi_jax.models.convert.io import CheckpointError, read_json, read_state_dict, write_safetensors
-from lfi_jax.models.detr import PRETRAINED_GATE_BIAS, Gate
+from lfi_jax.models.convert.detr_common import (
+    check_architecture,
+    check_tensors,
+    checkpoint_tensors,
+    fill_model,
+    interaction_start,
+    model_param_shapes,
+    with_interaction,
+)
+from lfi_jax.models.convert.io import CheckpointError, read_json, read_state_dict, write_checkpoint
+from lfi_jax.models.convert.names import flat_params
 
 Path = tuple
 DEFAULT_NUM_QUERIES = 300
@@ -75,36 +80,15 @@ def normalize_hf_conditional_detr_names(sd: Mapping[str, np.ndarray]) -> dict[st
 
 def fill_conditional_detr(cfg: ConditionalDetrConfig, values: Mapping[Path, Any], *, seed: int = 0) -> ConditionalDetr:
     """A ConditionalDetr of `cfg` whose parameters are `values` ({path: array}, our layout); only
-    the gates and the class head may be missing (freshly initialised, seeded by `seed`)."""
-    model = nnx.eval_shape(lambda: ConditionalDetr(cfg, rngs=nnx.Rngs(seed)))
-    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    missing = [tuple(p) for p, _ in flat if tuple(p) not in values]
-    rngs, fresh = nnx.Rngs(seed), {}
-    for prefix in sorted({p[: p.index("gate") + 1] for p in missing if "gate" in p}, key=str):
-        gate = Gate(cfg, cfg.interaction_heads, rngs)
-        fresh.update({prefix + tuple(q): v.get_value() for q, v in nnx.to_flat_state(nnx.state(gate, nnx.Param))})
-    if any(p[0] == "class_labels_classifier" for p in missing):
-        kernel = nnx.initializers.lecun_normal()(rngs.params(), (cfg.hidden_size, cfg.num_classes), jnp.float32)
-        fresh[("class_labels_classifier", "kernel")] = kernel
-        fresh[("class_labels_classifier", "bias")] = jnp.full(
-            (cfg.num_classes,), -np.log((1 - PRIOR_PROB) / PRIOR_PROB), jnp.float32
-        )
-    for path, var in flat:
-        path = tuple(path)
-        value = values[path] if path in values else fresh.get(path)
-        name = "/".join(map(str, path))
-        if value is None:
-            raise ValueError(f"Conditional-DETR parameters: no value for {name}")
-        if tuple(value.shape) != tuple(var.shape):
-            raise ValueError(f"Conditional-DETR parameters: {name} has shape {tuple(value.shape)}, "
-                             f"the model {tuple(var.shape)}")
-        var.set_value(jnp.asarray(value, var.dtype))
-    nnx.update(model, nnx.from_flat_state(flat))
-    return model
+    the gates and the class head may be missing (freshly initialised, seeded by `seed`; the
+    class bias at the focal prior)."""
+    return fill_model(ConditionalDetr, cfg, values, seed=seed, num_logits=cfg.num_classes,
+                      head_bias=-np.log((1 - PRIOR_PROB) / PRIOR_PROB), what="Conditional-DETR")
 
 
 def params_of(model: ConditionalDetr) -> dict[Path, Any]:
-    return {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    """{our path: value} of every parameter (`lfi_jax.models.convert.names.flat_params`)."""
+    return flat_params(model)
 
 
 def _interaction_source(path: Path) -> Path:
@@ -120,22 +104,9 @@ def iconditional_detr_from_conditional_detr(
     """An I-Conditional-DETR (architecture `cfg`) from a Conditional-DETR: every parameter
     copied, each interaction query a copy of the content projection it replaces (Wq' = Wq),
     the gates at `cfg.gate_bias_init` (`PRETRAINED_GATE_BIAS` for a pretrained detector)."""
-    for f in ARCHITECTURE_FIELDS:
-        if getattr(model.cfg, f) != getattr(cfg, f):
-            raise ValueError(f"iconditional_detr_from_conditional_detr: model.{f} differs: "
-                             f"{getattr(model.cfg, f)} vs {getattr(cfg, f)}")
-    src = params_of(model)
-    values = {}
-    for path, shape in _shapes(cfg):
-        if path in src:
-            if tuple(src[path].shape) != shape:
-                if path[0] == "class_labels_classifier":
-                    continue  # another number of classes: fresh head
-                raise ValueError(f"iconditional_detr_from_conditional_detr: {'/'.join(map(str, path))} "
-                                 f"has shape {tuple(src[path].shape)} vs {shape}")
-            values[path] = src[path]
-        elif "interaction_query" in path:
-            values[path] = src[_interaction_source(path)]
+    who = "iconditional_detr_from_conditional_detr"
+    check_architecture(model.cfg, cfg, ARCHITECTURE_FIELDS, who)
+    values = interaction_start(params_of(model), _shapes(cfg), _interaction_source, who)
     return fill_conditional_detr(cfg, values, seed=seed)
 
 
@@ -164,41 +135,18 @@ def to_hf_conditional_detr_state_dict(model: ConditionalDetr) -> dict[str, np.nd
 def save_hf_conditional_detr(model: ConditionalDetr, directory: str, *,
                              id2label: Mapping[int, str] | None = None) -> None:
     """Write config.json + model.safetensors that `ConditionalDetrForObjectDetection.from_pretrained` reads."""
-    os.makedirs(directory, exist_ok=True)
-    config = hf_conditional_detr_config_dict(model.cfg, id2label=id2label)
-    write_safetensors(os.path.join(directory, "model.safetensors"), to_hf_conditional_detr_state_dict(model))
-    write_json_atomic(os.path.join(directory, "config.json"), config, indent=2, sort_keys=True)
+    write_checkpoint(directory, to_hf_conditional_detr_state_dict(model),
+                     hf_conditional_detr_config_dict(model.cfg, id2label=id2label))
 
 
-@functools.lru_cache(maxsize=16)
 def _shapes(cfg: ConditionalDetrConfig) -> tuple[tuple[Path, tuple], ...]:
-    abstract = nnx.eval_shape(lambda: ConditionalDetr(cfg, rngs=nnx.Rngs(0)))
-    return tuple((tuple(p), tuple(v.shape)) for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
+    """((our path, shape), ...) of an architecture (cached, from shapes only)."""
+    return model_param_shapes(ConditionalDetr, cfg)
 
 
 def expected_tensors(cfg: ConditionalDetrConfig) -> dict[str, tuple[Path, tuple]]:
     """{checkpoint name: (our path, checkpoint shape)} of an architecture."""
-    out = {}
-    for p, shape in _shapes(cfg):
-        if p[-1] == "kernel":
-            shape = shape[::-1] if len(shape) == 2 else (shape[3], shape[2], shape[0], shape[1])
-        out[hf_name(p)] = (p, shape)
-    return out
-
-
-def _check_tensors(sd, expected, file: str, source: str) -> None:
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    misshaped = [f"{k}: {tuple(sd[k].shape)} vs {expected[k][1]}" for k in sorted(set(sd) & set(expected))
-                 if tuple(sd[k].shape) != expected[k][1]]
-    if missing or unexpected or misshaped:
-        lines = [f"{file}: the tensors do not match the Conditional-DETR of {source}:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-            if items:
-                more = [f"... {len(items) - 20} more"] if len(items) > 20 else []
-                lines.append(f"  {title} ({len(items)}):")
-                lines.extend(f"    {x}" for x in items[:20] + more)
-        raise CheckpointError("\n".join(lines))
+    return checkpoint_tensors(_shapes(cfg), hf_name)
 
 
 def load_hf_conditional_detr(
@@ -225,7 +173,7 @@ def load_hf_conditional_detr(
     raw, file = read_state_dict(directory)
     sd = normalize_hf_conditional_detr_names(raw)
     expected = expected_tensors(cfg)
-    _check_tensors(sd, expected, file, source)
+    check_tensors(sd, expected, file, source, "Conditional-DETR")
     params = {path: from_hf_array(path, sd[name]) for name, (path, _) in expected.items()}
     if num_classes is not None and num_classes != cfg.num_classes:
         cfg = dataclasses.replace(cfg, num_classes=int(num_classes))
@@ -235,14 +183,10 @@ def load_hf_conditional_detr(
     except (TypeError, ValueError) as e:
         raise ValueError(f"load_hf_conditional_detr({directory}): {e}") from None
     model = fill_conditional_detr(cfg, params, seed=seed)
-    if interaction:
-        if cfg.interaction_queries:
-            raise ValueError(f"{directory} is already an I-Conditional-DETR; pass its switches as overrides")
-        extra = dict(interaction) if isinstance(interaction, Mapping) else {}
-        extra.setdefault("gate_bias_init", PRETRAINED_GATE_BIAS)
-        model = iconditional_detr_from_conditional_detr(model, iconditional_detr_config(cfg, **extra), seed=seed)
-        cfg = model.cfg
-    return model, cfg
+    return with_interaction(
+        model, cfg, interaction, directory, "Conditional-DETR",
+        lambda m, extra: iconditional_detr_from_conditional_detr(m, iconditional_detr_config(cfg, **extra), seed=seed),
+    )
 
 
 __all__ = [

@@ -26,18 +26,25 @@ transformers ignores both (it loads the DETR part).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import re
 from typing import Any, Mapping, Sequence
 
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from lfi_jax.fileio import write_json_atomic
-from lfi_jax.models.convert.io import CheckpointError, read_json, read_state_dict, write_safetensors
-from lfi_jax.models.detr import PRETRAINED_GATE_BIAS, Detr, DetrConfig, Gate, idetr_config, linear
+from lfi_jax.models.convert.detr_common import (
+    check_architecture,
+    check_run_start,
+    check_tensors,
+    checkpoint_tensors,
+    fill_model,
+    interaction_start,
+    model_param_shapes,
+    with_interaction,
+)
+from lfi_jax.models.convert.io import CheckpointError, interaction_entry, read_json, read_state_dict, write_checkpoint
+from lfi_jax.models.convert.names import flat_params
+from lfi_jax.models.detr import Detr, DetrConfig, idetr_config
 from lfi_jax.models.resnet import RESNET_DEPTHS, ResNetConfig, resnet_config
 
 CONFIG_KEY = "lfi_interaction"
@@ -45,6 +52,8 @@ INTERACTION_FIELDS = ("interaction_in", "interaction_queries", "interaction_cons
                       "gate_hidden", "gate_bias_init", "gate_init_scale", "align_layers")
 BACKBONE_PREFIX = "model.backbone.conv_encoder.model."
 MODEL_PARTS = ("input_projection", "query_position_embeddings", "encoder", "decoder")
+ARCHITECTURE_FIELDS = ("backbone", "hidden_size", "encoder_layers", "decoder_layers", "encoder_heads",
+                       "decoder_heads", "encoder_ffn_dim", "decoder_ffn_dim", "num_queries")
 
 Path = tuple
 
@@ -55,28 +64,7 @@ def fill_detr(cfg: DetrConfig, values, *, seed: int = 0) -> Detr:
     Only the gates and the class head may be missing: they are freshly initialised (seeded
     by `seed`); nothing else is drawn at random, so no full random init runs.
     """
-    model = nnx.eval_shape(lambda: Detr(cfg, rngs=nnx.Rngs(seed)))
-    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    missing = [tuple(p) for p, _ in flat if tuple(p) not in values]
-    rngs, fresh = nnx.Rngs(seed), {}
-    for prefix in sorted({p[: p.index("gate") + 1] for p in missing if "gate" in p}, key=str):
-        gate = Gate(cfg, cfg.interaction_heads, rngs)
-        fresh.update({prefix + tuple(q): v.get_value() for q, v in nnx.to_flat_state(nnx.state(gate, nnx.Param))})
-    if any(p[0] == "class_labels_classifier" for p in missing):
-        head = linear(cfg.hidden_size, cfg.num_classes + 1, cfg, rngs, init=nnx.initializers.lecun_normal())
-        fresh[("class_labels_classifier", "kernel")] = head.kernel[...]
-        fresh[("class_labels_classifier", "bias")] = head.bias[...]
-    for path, var in flat:
-        path = tuple(path)
-        value = values[path] if path in values else fresh.get(path)
-        if value is None:
-            raise ValueError(f"DETR parameters: no value for {'/'.join(map(str, path))}")
-        if tuple(value.shape) != tuple(var.shape):
-            raise ValueError(f"DETR parameters: {'/'.join(map(str, path))} has shape {tuple(value.shape)}, "
-                             f"the model {tuple(var.shape)}")
-        var.set_value(jnp.asarray(value, var.dtype))
-    nnx.update(model, nnx.from_flat_state(flat))
-    return model
+    return fill_model(Detr, cfg, values, seed=seed, num_logits=cfg.num_classes + 1, head_bias=0.0, what="DETR")
 
 
 def idetr_from_detr(detr: Detr, cfg: DetrConfig, *, seed: int = 0) -> Detr:
@@ -87,29 +75,14 @@ def idetr_from_detr(detr: Detr, cfg: DetrConfig, *, seed: int = 0) -> Detr:
     `PRETRAINED_GATE_BIAS` for a pretrained detector) with small random weights. A class head
     of another size stays freshly initialised.
     """
-    src = detr.cfg
-    arch = ("backbone", "hidden_size", "encoder_layers", "decoder_layers", "encoder_heads", "decoder_heads",
-            "encoder_ffn_dim", "decoder_ffn_dim", "num_queries")
-    for f in arch:
-        if getattr(src, f) != getattr(cfg, f):
-            raise ValueError(
-                f"idetr_from_detr: model.{f} differs: DETR has {getattr(src, f)}, I-DETR config {getattr(cfg, f)}"
-            )
-    src_map = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(detr, nnx.Param))}
-    abstract = nnx.eval_shape(lambda: Detr(cfg, rngs=nnx.Rngs(seed)))
-    values = {}
-    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
-        path = tuple(path)
-        if path in src_map:
-            value = src_map[path]
-            if value.shape != var.shape:
-                if path[0] == "class_labels_classifier":
-                    continue  # another number of classes: the new head is freshly initialised
-                raise ValueError(f"idetr_from_detr: {'/'.join(map(str, path))} has shape {value.shape} vs {var.shape}")
-            values[path] = value
-        elif "interaction_query" in path:
-            values[path] = src_map[tuple("q_proj" if p == "interaction_query" else p for p in path)]
+    check_architecture(detr.cfg, cfg, ARCHITECTURE_FIELDS, "idetr_from_detr", "DETR has {}, I-DETR config {}")
+    values = interaction_start(flat_params(detr), param_shapes(cfg), _interaction_source, "idetr_from_detr")
     return fill_detr(cfg, values, seed=seed)
+
+
+def _interaction_source(path: Path) -> Path:
+    """An interaction query starts from the query projection of its attention."""
+    return tuple("q_proj" if p == "interaction_query" else p for p in path)
 
 
 def hf_name(path: Path) -> str:
@@ -292,41 +265,27 @@ def hf_detr_config_dict(cfg: DetrConfig, *, id2label: Mapping[int, str] | None =
         label2id={v: int(k) for k, v in labels.items()},
     )
     if cfg.interaction_queries or cfg.interaction_constraint:
-        lfi = {f: getattr(cfg, f) for f in INTERACTION_FIELDS}
-        for f in ("gate_bias_init", "align_layers"):
-            lfi[f] = None if lfi[f] is None else list(lfi[f])
-        d[CONFIG_KEY] = lfi
+        d[CONFIG_KEY] = interaction_entry(cfg, INTERACTION_FIELDS)
     return d
 
 
 def to_hf_detr_state_dict(model: Detr) -> dict[str, np.ndarray]:
-    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    return {hf_name(tuple(p)): to_hf_array(tuple(p), v.get_value()) for p, v in flat}
+    return {hf_name(p): to_hf_array(p, v) for p, v in flat_params(model).items()}
 
 
 def save_hf_detr(model: Detr, directory: str, *, id2label: Mapping[int, str] | None = None) -> None:
     """Write config.json + model.safetensors that `DetrForObjectDetection.from_pretrained` reads."""
-    os.makedirs(directory, exist_ok=True)
-    config = hf_detr_config_dict(model.cfg, id2label=id2label)
-    write_safetensors(os.path.join(directory, "model.safetensors"), to_hf_detr_state_dict(model))
-    write_json_atomic(os.path.join(directory, "config.json"), config, indent=2, sort_keys=True)
+    write_checkpoint(directory, to_hf_detr_state_dict(model), hf_detr_config_dict(model.cfg, id2label=id2label))
 
 
-@functools.lru_cache(maxsize=16)
 def param_shapes(cfg: DetrConfig) -> tuple[tuple[Path, tuple], ...]:
     """((our path, shape), ...) of every parameter of an architecture (cached, from shapes only)."""
-    abstract = nnx.eval_shape(lambda: Detr(cfg, rngs=nnx.Rngs(0)))
-    return tuple((tuple(p), tuple(v.shape)) for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
+    return model_param_shapes(Detr, cfg)
 
 
 def expected_tensors(cfg: DetrConfig) -> dict[str, tuple[Path, tuple]]:
     """{checkpoint name: (our path, checkpoint shape)} of an architecture."""
-    out = {}
-    for p, shape in param_shapes(cfg):
-        if p[-1] == "kernel":
-            shape = shape[::-1] if len(shape) == 2 else (shape[3], shape[2], shape[0], shape[1])
-        out[hf_name(p)] = (p, shape)
-    return out
+    return checkpoint_tensors(param_shapes(cfg), hf_name)
 
 
 def build_detr(cfg: DetrConfig, params: Mapping[Path, np.ndarray], *, seed: int = 0) -> Detr:
@@ -361,18 +320,7 @@ def load_hf_detr(
     raw, file = read_state_dict(directory)
     sd = normalize_hf_detr_names(raw)
     expected = expected_tensors(cfg)
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    misshaped = [f"{k}: {tuple(sd[k].shape)} vs {expected[k][1]}" for k in sorted(set(sd) & set(expected))
-                 if tuple(sd[k].shape) != expected[k][1]]
-    if missing or unexpected or misshaped:
-        lines = [f"{file}: the tensors do not match the DETR of {source}:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-            if items:
-                lines.append(f"  {title} ({len(items)}):")
-                more = [f"... {len(items) - 20} more"] if len(items) > 20 else []
-                lines.extend(f"    {x}" for x in items[:20] + more)
-        raise CheckpointError("\n".join(lines))
+    check_tensors(sd, expected, file, source, "DETR")
     params = {path: from_hf_array(path, sd[name]) for name, (path, _) in expected.items()}
     if class_rows is not None:
         rows = [int(r) for r in class_rows]
@@ -395,18 +343,8 @@ def load_hf_detr(
     except (TypeError, ValueError) as e:
         raise ValueError(f"load_hf_detr({directory}): {e}") from None
     model = build_detr(cfg, params, seed=seed)
-    if interaction:
-        if cfg.interaction_queries:
-            raise ValueError(f"{directory} is already an I-DETR; pass its switches as overrides")
-        extra = dict(interaction) if isinstance(interaction, Mapping) else {}
-        extra.setdefault("gate_bias_init", PRETRAINED_GATE_BIAS)
-        model = idetr_from_detr(model, idetr_config(cfg, **extra), seed=seed)
-        cfg = model.cfg
-    return model, cfg
-
-
-ARCHITECTURE_FIELDS = ("backbone", "hidden_size", "encoder_layers", "decoder_layers", "encoder_heads",
-                       "decoder_heads", "encoder_ffn_dim", "decoder_ffn_dim", "num_queries")
+    return with_interaction(model, cfg, interaction, directory, "DETR",
+                            lambda m, extra: idetr_from_detr(m, idetr_config(cfg, **extra), seed=seed))
 
 
 def detr_from_checkpoint(directory: str, mcfg: DetrConfig, *, seed: int = 0,
@@ -416,16 +354,10 @@ def detr_from_checkpoint(directory: str, mcfg: DetrConfig, *, seed: int = 0,
     `mcfg` the interaction queries Wq' = Wq and the gates at `mcfg.gate_bias_init`. class_rows:
     keep those rows of the pretrained class head (see `load_hf_detr`)."""
     detr, cfg = load_hf_detr(directory, num_classes=mcfg.num_classes, class_rows=class_rows, seed=seed)
-    if cfg.interaction_queries:
-        raise CheckpointError(f"{directory} holds an I-DETR; start runs from a DETR checkpoint")
-    for f in ARCHITECTURE_FIELDS:
-        if getattr(cfg, f) != getattr(mcfg, f):
-            raise CheckpointError(f"{directory}: model.{f}={getattr(mcfg, f)} in the config, "
-                                  f"{getattr(cfg, f)} in the checkpoint")
+    check_run_start(directory, cfg, mcfg, ARCHITECTURE_FIELDS, "DETR")
     if mcfg.interaction_queries:
         return idetr_from_detr(detr, mcfg, seed=seed)
-    params = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(detr, nnx.Param))}
-    return fill_detr(mcfg, params, seed=seed)
+    return fill_detr(mcfg, flat_params(detr), seed=seed)
 
 
 __all__ = [

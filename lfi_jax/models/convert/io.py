@@ -15,7 +15,7 @@ import ml_dtypes
 import numpy as np
 
 from lfi_jax.errors import UserError
-from lfi_jax.fileio import atomic_write_with
+from lfi_jax.fileio import atomic_write_with, write_json_atomic
 
 
 class CheckpointError(UserError):
@@ -120,5 +120,21 @@ def read_json(directory: str, name: str = "config.json") -> dict | None:
         return json.load(f)
 
 
-__all__ = ["CheckpointError", "WEIGHT_FILES", "read_json", "read_safetensors", "read_state_dict", "read_torch",
-           "weights_file", "write_safetensors"]
+def write_checkpoint(directory: str, tensors: Mapping[str, np.ndarray], config: Mapping) -> None:
+    """A `save_pretrained`-style directory: model.safetensors and config.json (sorted, indented)."""
+    os.makedirs(directory, exist_ok=True)
+    write_safetensors(os.path.join(directory, "model.safetensors"), tensors)
+    write_json_atomic(os.path.join(directory, "config.json"), config, indent=2, sort_keys=True)
+
+
+def interaction_entry(cfg, fields) -> dict:
+    """config.json's interaction entry: `fields` of `cfg`, the tuple-valued ones as lists."""
+    lfi = {f: getattr(cfg, f) for f in fields}
+    for f in ("gate_bias_init", "align_layers"):
+        if f in lfi:
+            lfi[f] = None if lfi[f] is None else list(lfi[f])
+    return lfi
+
+
+__all__ = ["CheckpointError", "WEIGHT_FILES", "interaction_entry", "read_json", "read_safetensors", "read_state_dict",
+           "read_torch", "weights_file", "write_checkpoint", "write_safetensors"]
