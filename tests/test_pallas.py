@@ -134,7 +134,8 @@ def _check_against_reference(n, d, dtype, kind, nk=None, masked=False, **kw):
 # ----------------------------------------------------------------------------- tests
 
 CASES = [
-    # (N, d, dtype, gate, backend style, tiles)
+    # (N, d, dtype, gate, backend style, tiles). Each N (37, 197, 785), dtype, gate kind and
+    # driver appears at least once; every case costs an interpreter compile, so no more than that.
     pytest.param(37, 32, jnp.float32, "hidden", "cpu", {}, id="N37-d32-f32-hidden"),
     pytest.param(37, 64, jnp.bfloat16, "none", "cpu", {}, id="N37-d64-bf16-none"),
     pytest.param(197, 64, jnp.float32, "linear", "cpu", {}, id="N197-d64-f32-linear"),
@@ -144,7 +145,6 @@ CASES = [
                  id="N197-d32-f32-none-gpu_tiles"),
     # The grid driver (TPU/Mosaic code path) in the interpreter.
     pytest.param(197, 64, jnp.float32, "hidden", "tpu", {}, id="N197-d64-f32-hidden-tpu_grid"),
-    pytest.param(785, 32, jnp.bfloat16, "linear", "cpu", {}, id="N785-d32-bf16-linear"),
     # The one big case: 7 x 7 blocks of 128, float32, hidden gate, all gradients.
     pytest.param(785, 64, jnp.float32, "hidden", "cpu", {}, id="N785-d64-f32-hidden"),
 ]
@@ -162,7 +162,6 @@ CROSS_CASES = [
     pytest.param(21, 75, jnp.float32, "hidden", "gpu", dict(block_q=16, block_k=32, block_q_bwd=16, block_k_bwd=16),
                  id="Nq21-Nk75-f32-hidden-gpu_tiles"),
     pytest.param(21, 200, jnp.float32, "none", "tpu", {}, id="Nq21-Nk200-f32-none-tpu_grid"),
-    pytest.param(130, 130, jnp.float32, "linear", "tpu", {}, id="Nq130-Nk130-f32-linear-tpu_grid"),
 ]
 
 
