@@ -102,7 +102,7 @@ def get_config(arg: str = "iconddetr") -> ml_collections.ConfigDict:
 
     if a.get("mode") == "runlocal":
         c.name += "-runlocal"
-        c.total_steps, c.batch_size, c.eval_batch_size = 4, 4, 4
+        c.total_steps, c.batch_size, c.eval_batch_size = 4, 8, 8  # divisible by up to 8 devices
         c.log_every, c.eval_every, c.checkpoint_every = 1, 0, 2
         c.data.options.update(dict(classes=3, shots=4, num_val=4))
         c.model.update(dict(hidden_size=16, encoder_heads=2, decoder_heads=2, encoder_ffn_dim=32,

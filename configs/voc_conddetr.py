@@ -113,7 +113,7 @@ def get_config(arg: str = "iconddetr") -> ml_collections.ConfigDict:
 
     if a.get("mode") == "runlocal":
         c.name = f"digits-fewshot-{model}-runlocal" + ("-frozen" if frozen else "")
-        c.total_steps, c.batch_size, c.eval_batch_size = 4, 4, 4
+        c.total_steps, c.batch_size, c.eval_batch_size = 4, 8, 8  # divisible by up to 8 devices
         c.log_every, c.eval_every, c.checkpoint_every = 1, 0, 2
         c.optim.drop_steps = (3,)
         c.data.source = "shortcut_digits_det"
