@@ -282,3 +282,65 @@ def test_model_class_names(tmp_path):
     # the names the trainer recorded at start come first (the training data may be gone since)
     (wd / "run_info.json").write_text(json.dumps({"data": {"class_names": ["ant", "bee", "cow"]}}))
     assert exs.model_class_names(FakeRun(3, wd), ["x", "y"]) == ["ant", "bee", "cow"]
+
+
+# --------------------------------------------------------------------------- dense maps of a detection run
+
+
+@pytest.fixture(scope="module")
+def det_run(tmp_path_factory):
+    """A runlocal I-DETR of configs/detection_demo.py (2 steps, its dense oracle teacher store)."""
+    pytest.importorskip("pycocotools")
+    from lfi_jax.demo_detection import run_detection_demo
+
+    wd = tmp_path_factory.getbasetemp() / "shared_det_runlocal"
+    sets = {"total_steps": 2, "batch_size": 8, "eval_batch_size": 8, "checkpoint_every": 0}  # 8 test devices
+    payload = run_detection_demo(str(wd), models=("idetr",), runlocal=True, sets=sets)
+    return payload["runs"]["idetr"][0]["workdir"]
+
+
+def _pooled_by_hand(rec, cells=8):
+    """Eq. 12's oracle on the cells x cells feature grid, float64: each instance (its ink mask, or
+    its filled box) summed per cell, normalised to mass 1, summed over instances, normalised."""
+    from lfi_jax.teacher.oracle import boxes_mask
+
+    img = np.asarray(rec["image"])
+    h, w = img.shape[:2]
+    dens = (np.asarray(rec["masks"], np.float64) if rec.get("masks") is not None
+            else np.stack([boxes_mask(np.asarray(b, np.float64)[None], h, w) for b in rec["boxes"]]))
+    per = dens.reshape(len(dens), cells, h // cells, cells, w // cells).sum((2, 4))
+    m = (per / per.sum((1, 2), keepdims=True)).sum(0)
+    return m / m.sum()
+
+
+def test_maps_of_a_detection_run_show_the_dense_teacher_and_the_decoder_attention(det_run, tmp_path, capsys):
+    from lfi_jax.data.sources import get_source
+    from lfi_jax.eval import dense_maps as dm
+
+    out = tmp_path / "dense.png"
+    assert vz.main(["maps", "--workdir", det_run, "--n", "3", "--start", "0", "--out", str(out)]) == 0
+    r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert r["columns"] == ["image", "C_vlm (teacher)", "C_agt"] and r["attention"] == "C_agt"
+    assert r["split"] == "val" and r["rows"] == 3 and r["grid"] == [8, 8]
+    assert r["teacher"].startswith("oracle_dense recomputed with the settings of store") and r["teacher_maps"] == 3
+    with Image.open(out) as im:
+        assert np.asarray(im.convert("L")).std() > 5
+    run = load_run(det_run, devices=jax.devices()[:1])
+    ex = dm.load_dense_examples(run, "val", [0, 1, 2], dm.DenseTeacher(run, "val"))
+    src = get_source(run.config.data.source, "val", run.config.data.options.to_dict())
+    assert [e["id"] for e in r["examples"]] == [src.example_id(i) for i in range(3)]
+    for k in range(3):  # the teacher panel: the oracle of the val image, by hand on the 8 x 8 grid
+        np.testing.assert_allclose(ex.teacher[k].reshape(8, 8), _pooled_by_hand(src[k]), atol=1e-6)
+        assert r["examples"][k]["objects"] == len(src[k]["boxes"])
+    # the decoder panel: the alignment rows the loss reads (last decoder layer's C_agt [B, H, Q, K]),
+    # averaged over heads and object queries in float64 and renormalised
+    model = nnx.merge(run.graphdef, run.params)
+    rows = np.asarray(model(jnp.asarray(ex.image), jnp.asarray(ex.pixel_mask)).agt_rows, np.float64)
+    for layer in (-1, 0):
+        want = rows[:, layer].mean(axis=(1, 2))
+        want /= want.sum(-1, keepdims=True)
+        dec = dm.decoder_maps(run, ex, layer)
+        np.testing.assert_allclose(dec["map"], want, atol=1e-5)
+    np.testing.assert_allclose(dm.decoder_maps(run, ex, "mean")["map"].sum(-1), 1.0, atol=1e-6)
+    with pytest.raises(ValueError, match="means over heads"):
+        vz.maps_figure(det_run, str(tmp_path / "x.png"), head=0)
