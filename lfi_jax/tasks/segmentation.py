@@ -53,7 +53,6 @@ from lfi_jax.detection.seg_losses import MaskLossWeights, segmentation_criterion
 from lfi_jax.detection.types import DetectionPredictions
 from lfi_jax.eval.coco import coco_bbox_metrics
 from lfi_jax.eval.coco_segm import coco_segm_metrics
-from lfi_jax.losses import dense_alignment_loss
 from lfi_jax.models.convert.detr import detr_from_checkpoint
 from lfi_jax.models.convert.detr_segm import detr_segm_from_detr, load_hf_detr_segm
 from lfi_jax.models.detr import DetrConfig
@@ -115,26 +114,6 @@ def load_model(config, mcfg: DetrConfig, seed: int) -> DetrForSegmentation | Non
     return model
 
 
-def _alignment(out, batch, lc, match) -> Any:
-    """detection's dense alignment term (0 without C_agt rows or with align_weight 0)."""
-    if out.agt_rows is None or not float(_get(lc, "align_weight", 1.0)):
-        return jnp.zeros((), jnp.float32)
-    mode = str(_get(lc, "dense_align", "query_mean"))
-    if mode not in detection.DENSE_ALIGN:
-        raise ValueError(f"config.loss.dense_align={mode!r}: expected one of {detection.DENSE_ALIGN}")
-    if tuple(out.key_mask.shape) != tuple(batch["teacher"].shape):
-        raise ValueError(
-            f"the model's key grid {tuple(out.key_mask.shape)} differs from the teacher's "
-            f"{tuple(batch['teacher'].shape)} (config.data.stride vs the backbone's stride)"
-        )
-    if out.query_mask is not None:  # encoder self-attention: the queries are the image cells
-        qmask = out.query_mask
-    else:
-        qmask = None if mode == "query_mean" else match.query_target >= 0
-    return dense_alignment_loss(out.agt_rows, batch["teacher"], out.key_mask, qmask,
-                                example_mask=batch["teacher_mask"])
-
-
 def loss(model: DetrForSegmentation, batch, config) -> tuple[Any, dict[str, Any]]:
     lc = _get(config, "loss", {})
     seg_out = model(batch["image"], batch["pixel_mask"])
@@ -158,8 +137,9 @@ def loss(model: DetrForSegmentation, batch, config) -> tuple[Any, dict[str, Any]
         weights=weights, mask_weights=mask_weights, costs=costs, example_mask=batch.get("valid"),
         matcher_impl=str(_get(lc, "matcher", "scipy")),
     )
-    align = _alignment(out, batch, lc, crit.boxes.match)
-    total = crit.total + float(_get(lc, "align_weight", 1.0)) * align
+    align_weight = float(_get(lc, "align_weight", 1.0))
+    align = detection.alignment_loss(out, batch, lc, crit.boxes.match) if align_weight else jnp.zeros((), jnp.float32)
+    total = crit.total + align_weight * align
     f = crit.boxes.final
     return total, {
         "task_loss": crit.total, "align_loss": align, "ce_loss": f.loss_ce, "bbox_loss": f.loss_bbox,
