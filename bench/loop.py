@@ -88,7 +88,8 @@ def main() -> None:
         loop = loop_rate(config)
         bare = bare_rate(config, args.steps)
         rows.append((model, loop, bare))
-    print(f"demo size, batch {config.batch_size}, {args.steps} steps, {jax.device_count()} {jax.default_backend()} device(s)")
+    devices = f"{jax.device_count()} {jax.default_backend()} device(s)"
+    print(f"demo size, batch {config.batch_size}, {args.steps} steps, {devices}")
     print("| model | loop (ex/s) | bare step (ex/s) | loop / step |")
     print("|---|---|---|---|")
     for model, loop, bare in rows:

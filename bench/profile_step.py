@@ -78,9 +78,10 @@ def category(name: str, lines: dict[str, str], comps: dict[str, list[str]]) -> s
         return "softmax"
     if "reduce" in ops:
         return "reduce"
-    if ops - {"parameter", "bitcast", "constant", "fusion"} <= {"transpose", "copy"} or name.startswith(("transpose", "copy")):
+    work = ops - {"parameter", "bitcast", "constant", "fusion"}
+    if work <= {"transpose", "copy"} or name.startswith(("transpose", "copy")):
         return "layout"
-    if ops - {"parameter", "bitcast", "constant", "fusion"} <= {"broadcast"} or name.startswith("wrapped_broadcast"):
+    if work <= {"broadcast"} or name.startswith("wrapped_broadcast"):
         return "broadcast"
     return "elementwise"
 

@@ -8,7 +8,7 @@ APl with C_vlm vs 38.6 / 5.0 / 22.4 / 51.2 without).
         --config.teacher.store=/data/teachers/voc2007-llava-dense-trainval --workdir=runs/voc_iconddetr
 
 Arguments (comma-separated): the model (conddetr | iconddetr, default iconddetr), then the
-alternatives the paper's text names (docs/conddetr_notes.md): `coco` (10 % of COCO train2017,
+alternatives the paper's text names (docs/detection.md, "Conditional-DETR on VOC"): `coco` (10 % of COCO train2017,
 evaluated on val2017, instead of VOC), `frozen` (start from a trained Conditional-DETR,
 `init.hf`, and train only the interaction queries, the gates and the two heads, as Table 6's
 DETR setting), and `runlocal` (a tiny Conditional-DETR on the embedded few-shot

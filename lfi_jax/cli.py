@@ -203,6 +203,18 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str] 
             raise type(e)(f"{e} (from --config.{key}={value})") from None
 
 
+def parse_sets(items: Sequence[str]) -> dict[str, str]:
+    """--set KEY=VALUE items as {key: value text} (the main jobs' and the experiment runner's
+    every-run overrides)."""
+    sets = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        sets[key.strip()] = value
+    return sets
+
+
 def config_from_args(args: argparse.Namespace) -> ml_collections.ConfigDict:
     """The config `--config` names, with the `--config.a.b=...` overrides applied in order."""
     overrides = getattr(args, _OVERRIDES_DEST, None) or []
@@ -217,6 +229,7 @@ def config_from_args(args: argparse.Namespace) -> ml_collections.ConfigDict:
 
 
 __all__ = [
+    "parse_sets",
     "EXIT_INTERRUPTED",
     "EXIT_USER_ERROR",
     "USER_ERRORS",

@@ -24,13 +24,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from lfi_jax import demo_detection
-from lfi_jax.cli import run_cli
+from lfi_jax.cli import parse_sets, run_cli
 from lfi_jax.config import ABLATIONS
 from lfi_jax.data.shortcut_digits import SPURIOUS_PRESETS as REGIMES
 from lfi_jax.eval.curves import first_step_reaching, load_curve
 from lfi_jax.eval.figures import draw_curve, mark_chance, model_color, model_label, pyplot
 from lfi_jax.experiments.base import Cell, CellResult, Experiment, GridOptions, Group, stats
-from lfi_jax.experiments.cli import parse_sets
 from lfi_jax.experiments.runner import prepare, run_cells, summarise
 from lfi_jax.fileio import save_figure, write_json_atomic
 from lfi_jax.metrics import setup_logging

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from lfi_jax import train
+from lfi_jax.cli import parse_sets
 from lfi_jax.config import load_config_file, set_key
 from lfi_jax.data.sources import get_source
 from lfi_jax.experiments.base import stats
@@ -243,13 +244,7 @@ def main(argv: Sequence[str]) -> int:
     a = build_parser().parse_args(list(argv))
     setup_logging()
     models = [m for m in a.models.split(",") if m]
-    sets = {}
-    for item in a.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-        sets[key.strip()] = value
-    run_detection_demo(a.workdir, seeds=a.seeds, models=models, runlocal=a.runlocal, sets=sets)
+    run_detection_demo(a.workdir, seeds=a.seeds, models=models, runlocal=a.runlocal, sets=parse_sets(a.set))
     return 0
 
 

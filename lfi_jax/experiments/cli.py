@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import jax
 
-from lfi_jax.cli import run_cli
+from lfi_jax.cli import parse_sets, run_cli
 from lfi_jax.experiments import (
     ablation,
     choices,
@@ -78,17 +78,6 @@ def build_parser() -> argparse.ArgumentParser:
         "detection: the row groups (default detection,segmentation,conddetr)",
     )
     return p
-
-
-def parse_sets(items: Sequence[str]) -> dict[str, str]:
-    """--set KEY=VALUE items as {key: value text}."""
-    sets = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-        k, v = item.split("=", 1)
-        sets[k.strip()] = v
-    return sets
 
 
 def parse_noise(items: Sequence[str] | None) -> tuple[tuple[str, float], ...] | None:
