@@ -63,8 +63,8 @@ def test_paper_freeze_patterns_select_new_params_and_head():
 def test_config_validation_names_keys():
     c = load_config_file("demo", "ivit")
     validate(c)
-    c.model.image_size = 60
-    with pytest.raises(ValueError, match="config.model.image_size=60 differs from config.data.image_size"):
+    c.model.image_size = 64  # divisible by the demo's patch (8), unlike data.image_size (48)
+    with pytest.raises(ValueError, match="config.model.image_size=64 differs from config.data.image_size"):
         validate(c)
     c = load_config_file("demo", "ivit")
     c.optim.grad_accum_steps = 5
