@@ -180,9 +180,9 @@ def test_embedded_benchmark_runlocal_with_its_teacher(tmp_path):
 
 def test_static_config_errors_are_user_errors(tmp_path):
     path = make_folder(tmp_path / "shapes")
-    c = folder_config(path, **{"model.image_size": 60})
+    c = folder_config(path, **{"model.image_size": 64})  # divisible by the demo's patch (8), unlike data's 48
     msg = _fails(c, mesh_of((1, 1)), _train_source(c))
-    assert "config.model.image_size=60 differs from config.data.image_size" in msg
+    assert "config.model.image_size=64 differs from config.data.image_size" in msg
 
 
 def test_eval_split_of_a_flat_folder_would_be_the_training_images(tmp_path):

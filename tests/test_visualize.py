@@ -156,7 +156,8 @@ def test_similarity_against_human_store(trained, tmp_path, capsys):
     cfg = load_config(trained)
     src = get_source("shortcut_digits", "test_iid", cfg.data.options.to_dict())
     human = tmp_path / "human"
-    store = export_store(src, str(human), backend="oracle", grid=8, progress=False)  # the student grid, exact masks
+    g = cfg.model.image_size // cfg.model.patch_size  # the student grid: exact masks
+    store = export_store(src, str(human), backend="oracle", grid=g, progress=False)
     out = tmp_path / "sim.png"
     # with the human maps as the teacher, C_vlm matches them exactly
     argv = ["similarity", "--workdir", trained, "--human", str(human), "--teacher", str(human), "--split", "test_iid"]
@@ -166,7 +167,7 @@ def test_similarity_against_human_store(trained, tmp_path, capsys):
     assert res["examples"] == 16
     assert res["similarity"]["C_vlm"]["mean"] == pytest.approx(1.0, abs=1e-6)
     # the uniform map's cosine with h (sum 1) is 1 / (sqrt(P) |h|)
-    want = np.mean([1.0 / (8.0 * np.linalg.norm(store[src.example_id(i)].map)) for i in range(16)])
+    want = np.mean([1.0 / (g * np.linalg.norm(store[src.example_id(i)].map)) for i in range(16)])
     assert res["similarity"]["uniform"]["mean"] == pytest.approx(want, rel=1e-5)
     assert set(res["per_layer"]) == {"C_vfm", "C_agt"} and len(res["per_layer"]["C_agt"]) == 2
     for k in ("C_vfm", "C_agt"):
