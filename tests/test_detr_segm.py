@@ -5,7 +5,6 @@ no timm) is saved with `save_pretrained` and loaded by path; weights are redrawn
 where every term matters (GroupNorm affine, biases, frozen BatchNorm statistics).
 """
 
-import math
 
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+from detr_fixtures import randomize  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from lfi_jax.compare.detr import forward, make_inputs  # noqa: E402
@@ -46,29 +46,11 @@ def _hf_config():
         encoder_ffn_dim=48, decoder_ffn_dim=40, num_queries=5, num_labels=4)
 
 
-def _randomize(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if not t.is_floating_point():
-                continue
-            if name.endswith("running_var"):
-                t.copy_(0.5 + torch.rand(t.shape, generator=g))
-            elif "norm" in name and name.endswith("weight"):
-                t.copy_(1.0 + 0.2 * torch.randn(t.shape, generator=g))
-            elif name.endswith(("bias", "running_mean")):
-                t.copy_(0.2 * torch.randn(t.shape, generator=g))
-            elif "query_position_embeddings" in name:
-                t.copy_(torch.randn(t.shape, generator=g))
-            else:
-                t.copy_(torch.randn(t.shape, generator=g) / math.sqrt(math.prod(t.shape[1:])))
-
-
 @pytest.fixture(scope="module")
 def hf_model_dir(tmp_path_factory):
     torch.manual_seed(0)
     model = transformers.DetrForSegmentation(_hf_config()).eval()
-    _randomize(model, 0)
+    randomize(model, 0)
     d = tmp_path_factory.mktemp("detr_segm") / "tiny-detr-segm"
     model.save_pretrained(d)
     return model, str(d)
