@@ -43,6 +43,7 @@ from typing import Any
 
 import ml_collections
 
+from lfi_jax import hostmem
 from lfi_jax.config import load_config_file, set_key, split_config_spec
 from lfi_jax.errors import UserError
 
@@ -98,6 +99,8 @@ def run_cli(
     `argv`: the arguments after the program name (default sys.argv[1:]). `interrupt_note`: the
     one line printed after Ctrl-C (a string, or a function called then), default "interrupted".
     """
+    if argv is None and exit:  # a real command line, not a call from Python code
+        hostmem.maybe_reexec()  # huge pages for XLA's CPU buffers (may replace this process)
     args = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("LFI_DEBUG", "") not in ("", "0")
     if "--debug" in args:

@@ -260,6 +260,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_workers = 0  # grain worker processes (0 = threads in this process)
     c.data.num_threads = 2  # in-process prefetch threads
     c.data.prefetch = 4  # batches buffered ahead
+    # Decoded images kept in memory per split, in MB (0 = none; lfi_jax/data/cache.py): the
+    # embedded benchmark renders each image once instead of once per epoch and evaluation.
+    c.data.cache_mb = 0
 
     c.teacher = ml_collections.ConfigDict()
     c.teacher.store = ""  # path to a TeacherStore for the train split; "" = none

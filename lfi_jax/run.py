@@ -63,6 +63,7 @@ RESUMABLE = (
     "data.num_workers",
     "data.num_threads",
     "data.prefetch",
+    "data.cache_mb",
     "teacher.store",  # the same store may move (its content is checked against the data)
     "teacher.allow_missing",
     "loss",

@@ -5,8 +5,12 @@ Train (`make_train_iterator`): an endless, checkpointable grain iterator.
   * Sharding: the global sequence of examples is dealt out round-robin, process p taking
     positions p, p + P, p + 2P, ...; local batch t of every process together make global batch
     t, and the union over processes is the same whatever P is.
-  * Augmentation of source example i in epoch e uses `numpy.random.default_rng([seed, e, i])`,
-    so it does not depend on the process count, the worker count or where training resumed.
+  * Augmentation of source example i in epoch e uses uniforms that are a pure function of
+    (seed, e, i) (`transforms.example_uniforms`, drawn for a whole batch at once), so it does
+    not depend on the process count, the worker count or where training resumed.
+  * The geometry runs per batch (`batch_transforms.transform_batch`: two batched products
+    per batch instead of numpy calls per example); decoded images can stay in memory across
+    epochs and evaluations (`data.cache_mb`, `lfi_jax.data.cache`).
   * Batches are formed before the (optional) worker processes, so the stream is identical
     for any `data.num_workers`.
   * `it.get_state()` / `it.set_state(state)` restore the exact next batch (grain's dataset API);
@@ -25,14 +29,17 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import grain
 import numpy as np
 from absl import flags
 
 from lfi_jax.data.sources import get_source
-from lfi_jax.data.transforms import Augment, transform_example
+from lfi_jax.data.batch_transforms import transform_batch
+from lfi_jax.data.cache import ImageCache, shared_image_cache
+from lfi_jax.data.transforms import CROP_ATTEMPTS, Augment, example_uniforms, sample_crops, transform_single
 from lfi_jax.teacher.provenance import check_compatible
 from lfi_jax.teacher.store import TeacherStore
 from lfi_jax.teacher.types import TeacherEntry
@@ -41,6 +48,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_NUM_THREADS = 2  # in-process prefetch threads (each builds whole batches)
 DEFAULT_PREFETCH = 4  # batches buffered ahead
+ENTRY_CACHE_BYTES = 256 << 20  # decoded teacher maps kept per TeacherLookup
 
 
 def _get(cfg: Any, key: str, default: Any) -> Any:
@@ -67,6 +75,10 @@ class TeacherLookup:
         self.allow_missing = bool(allow_missing)
         self._store = store
         self._owns_store = store is None
+        # Decoded entries, read once per process (a store read and decode costs about as much
+        # as the geometry of an example); up to ENTRY_CACHE_BYTES of maps.
+        self._entries: dict[str, TeacherEntry] = {}
+        self._entry_bytes = 0
 
     @property
     def store(self) -> Any:
@@ -78,10 +90,14 @@ class TeacherLookup:
         d = dict(self.__dict__)
         if d["_owns_store"]:
             d["_store"] = None
+        d["_entries"], d["_entry_bytes"] = {}, 0
         return d
 
     def get(self, example_id: str) -> TeacherEntry | None:
         """The entry for `example_id`; None if missing and allowed, KeyError naming it if not."""
+        entry = self._entries.get(example_id)
+        if entry is not None:
+            return entry
         store = self.store
         if example_id not in store:
             if self.allow_missing:
@@ -90,7 +106,12 @@ class TeacherLookup:
                 f"teacher store {self.path or store!r} has no map for example {example_id!r} "
                 "(set config.teacher.allow_missing=True to mask such examples out)"
             )
-        return store[example_id]
+        entry = store[example_id]
+        size = np.asarray(entry.map).nbytes
+        if self._entry_bytes + size <= ENTRY_CACHE_BYTES:
+            self._entries[example_id] = entry
+            self._entry_bytes += size
+        return entry
 
     def image_fingerprint(self, example_id: str) -> str | None:
         """The content fingerprint of the image file the store's map was made from (None if
@@ -131,8 +152,25 @@ def build_teacher_lookup(
 # --------------------------------------------------------------------------- per-example work
 
 
+class _Raw(NamedTuple):
+    """One example as read, before the geometry: what `_Prepare.batch` transforms."""
+
+    index: int  # source index (-1: eval padding)
+    epoch: int
+    image: np.ndarray  # uint8 [H, W, 3]
+    label: int
+    entry: TeacherEntry | None
+
+
 class _Prepare:
-    """Source index (+ epoch) -> one transformed example. Picklable (grain workers)."""
+    """Source index (+ epoch) -> `_Raw`; a list of them -> one batch. Picklable (grain workers).
+
+    Reading (`raw`) checks the image, the label and the teacher join; images come through
+    `images` (an in-memory cache when `data.cache_mb` allows). The geometry runs per batch
+    (`batch`): crop boxes and flips from `example_uniforms(seed, epoch, index)`, then
+    `batch_transforms.transform_batch` over images of one size (`transform_single` one by one
+    where sizes differ).
+    """
 
     def __init__(
         self,
@@ -146,6 +184,7 @@ class _Prepare:
         augment: Augment | None,
         seed: int,
         return_index: bool,
+        images: ImageCache | None = None,
     ):
         self.source = source
         self.lookup = lookup
@@ -157,34 +196,62 @@ class _Prepare:
         self.seed = int(seed) % 2**32
         self.return_index = return_index
         self.num_classes = len(source.class_names)
+        self.images = images if images is not None else ImageCache(0)
         self._verified: set[int] = set()  # source indices whose image file matched the store's fingerprint
 
-    def example(self, index: int, epoch: int = 0) -> dict[str, np.ndarray]:
+    def _read(self, index: int) -> tuple[str, np.ndarray, int]:
         ex = self.source[index]
-        eid = ex["id"]
-        image = np.asarray(ex["image"])
+        return ex["id"], np.asarray(ex["image"]), int(ex["label"])
+
+    def raw(self, index: int, epoch: int = 0) -> _Raw:
+        eid, image, label = self.images.get(index, self._read)
         if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
             raise ValueError(f"example {eid!r}: image must be uint8 [H, W, 3], got {image.dtype} {image.shape}")
-        label = int(ex["label"])
         if not 0 <= label < self.num_classes:
             raise ValueError(f"example {eid!r}: label {label} outside [0, {self.num_classes})")
         entry = self.lookup.get(eid) if self.lookup is not None else None
         if entry is not None:
             self._check_same_image(index, eid, image, entry)
-        rng = np.random.default_rng([self.seed, int(epoch), int(index)]) if self.augment is not None else None
-        out = transform_example(
-            image,
-            entry,
-            image_size=self.image_size,
-            grid_hw=self.grid_hw,
-            rng=rng,
-            augment=self.augment,
-            mean=self.mean,
-            std=self.std,
-        )
-        out["label"] = np.int32(label)
+        return _Raw(int(index), int(epoch), image, label, entry)
+
+    def _geometry(self, raws: Sequence[_Raw]) -> tuple[np.ndarray, np.ndarray]:
+        """Crop boxes [B, 4] and flips [B] of a batch: counter-based draws from (seed, epoch,
+        index), so an example's augmentation does not depend on its batch or process."""
+        hw = np.asarray([r.image.shape[:2] for r in raws], np.int64)
+        boxes = np.concatenate([np.zeros_like(hw), hw], 1)
+        flips = np.zeros(len(raws), bool)
+        aug = self.augment
+        live = np.asarray([r.index >= 0 for r in raws])
+        if aug is None or not live.any():
+            return boxes, flips
+        u = example_uniforms(self.seed, [r.epoch for r in raws], [max(r.index, 0) for r in raws], 4 * CROP_ATTEMPTS + 1)
+        if aug.random_resized_crop:
+            drawn = sample_crops(u[:, :-1].reshape(-1, CROP_ATTEMPTS, 4), hw, aug.crop_scale, aug.crop_ratio)
+            boxes = np.where(live[:, None], drawn, boxes)
+        if aug.hflip:
+            flips = live & (u[:, -1] < 0.5)
+        return boxes, flips
+
+    def batch(self, raws: Sequence[_Raw]) -> dict[str, np.ndarray]:
+        boxes, flips = self._geometry(raws)
+        kw = dict(image_size=self.image_size, grid_hw=self.grid_hw, mean=self.mean, std=self.std)
+        if len({r.image.shape for r in raws}) == 1:
+            images = np.stack([r.image for r in raws])
+            image, teacher, mask = transform_batch(images, [r.entry for r in raws], boxes, flips, **kw)
+        else:  # images of several sizes: one at a time
+            outs = [
+                transform_single(r.image, r.entry, box=tuple(b), flip=bool(f), **kw)
+                for r, b, f in zip(raws, boxes, flips)
+            ]
+            image, teacher, mask = (np.stack([o[k] for o in outs]) for k in ("image", "teacher", "teacher_mask"))
+        out = {
+            "image": image,
+            "teacher": teacher,
+            "teacher_mask": mask,
+            "label": np.asarray([r.label for r in raws], np.int32),
+        }
         if self.return_index:
-            out["index"] = np.int64(index)
+            out["index"] = np.asarray([r.index for r in raws], np.int64)
         return out
 
     def _check_same_image(self, index: int, eid: str, image: np.ndarray, entry: TeacherEntry) -> None:
@@ -210,9 +277,9 @@ class _TrainElement:
     def __init__(self, prepare: _Prepare):
         self.prepare = prepare
 
-    def __call__(self, item: tuple[int, int]) -> dict[str, np.ndarray]:
+    def __call__(self, item: tuple[int, int]) -> _Raw:
         epoch, index = item
-        return self.prepare.example(index, epoch)
+        return self.prepare.raw(index, epoch)
 
 
 class _EpochIndex:
@@ -230,21 +297,27 @@ class _EvalElement:
         self.prepare = prepare
         self.n = n
 
-    def __call__(self, k: int) -> dict[str, np.ndarray]:
+    def __call__(self, k: int) -> _Raw:
         if k < self.n:
-            out = self.prepare.example(int(k))
-            out["valid"] = np.float32(1.0)
-            return out
-        s, g = self.prepare.image_size, self.prepare.grid_hw
-        out = {
-            "image": np.zeros((s, s, 3), np.float32),
-            "teacher": np.zeros((g[0] * g[1],), np.float32),
-            "teacher_mask": np.float32(0.0),
-            "label": np.int32(0),
-            "valid": np.float32(0.0),
-        }
-        if self.prepare.return_index:
-            out["index"] = np.int64(-1)
+            return self.prepare.raw(int(k))
+        # padding: a blank image of example 0's size, so that the batch keeps one image size
+        return _Raw(-1, 0, np.zeros_like(self.prepare.raw(0).image), 0, None)
+
+
+class _TrainBatch:
+    def __init__(self, prepare: _Prepare):
+        self.prepare = prepare
+
+    def __call__(self, raws: Sequence[_Raw]) -> dict[str, np.ndarray]:
+        return self.prepare.batch(raws)
+
+
+class _EvalBatch(_TrainBatch):
+    def __call__(self, raws: Sequence[_Raw]) -> dict[str, np.ndarray]:
+        out = self.prepare.batch(raws)
+        valid = np.asarray([r.index >= 0 for r in raws])
+        out["image"][~valid] = 0.0  # padding stays exactly zero
+        out["valid"] = valid.astype(np.float32)
         return out
 
 
@@ -338,11 +411,12 @@ def make_train_iterator(
         augment=Augment.from_config(data_cfg.augment),
         seed=seed,
         return_index=return_index,
+        images=shared_image_cache(data_cfg, data_cfg.train_split, options),
     )
     ds = grain.MapDataset.range(n).shuffle(seed=int(seed) % 2**32).repeat()
     ds = ds.map_with_index(_EpochIndex(n))
     ds = ds[process_index::process_count]
-    ds = ds.map(_TrainElement(prepare)).batch(b, drop_remainder=True)
+    ds = ds.map(_TrainElement(prepare)).batch(b, drop_remainder=True, batch_fn=_TrainBatch(prepare))
     return iter(_finish(ds, data_cfg))
 
 
@@ -379,10 +453,11 @@ def make_eval_iterator(
         augment=None,
         seed=0,
         return_index=return_index,
+        images=shared_image_cache(data_cfg, split, options),
     )
     total = math.ceil(n / global_batch_size) * global_batch_size
     ds = grain.MapDataset.range(total)[process_index::process_count]
-    ds = ds.map(_EvalElement(prepare, n)).batch(b, drop_remainder=False)
+    ds = ds.map(_EvalElement(prepare, n)).batch(b, drop_remainder=False, batch_fn=_EvalBatch(prepare))
     return _finish(ds, data_cfg)
 
 

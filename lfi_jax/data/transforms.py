@@ -165,39 +165,80 @@ def teacher_to_grid(
 # --------------------------------------------------------------------------- image geometry
 
 
+CROP_ATTEMPTS = 10
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 arrays (wrapping arithmetic)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def example_uniforms(seed: int, epochs, indices, n: int) -> np.ndarray:
+    """float64 [B, n] uniforms in [0, 1), a pure function of (seed, epoch, index, k): the
+    augmentation draws of example `indices[b]` in epoch `epochs[b]`, for a whole batch at once
+    (a counter-based generator: splitmix64 of the hashed counter)."""
+    e = np.asarray(epochs, np.int64).astype(np.uint64).reshape(-1)
+    i = np.asarray(indices, np.int64).astype(np.uint64).reshape(-1)
+    key = _mix64(np.full(e.shape, np.uint64(int(seed) % 2**64)) + _GOLDEN)
+    key = _mix64(key ^ (e + _GOLDEN))
+    key = _mix64(key ^ (i + _GOLDEN))
+    k = (np.arange(1, n + 1, dtype=np.uint64) * _GOLDEN)[None, :]
+    bits = _mix64(key[:, None] + k) >> np.uint64(11)
+    return bits.astype(np.float64) * (1.0 / 2**53)
+
+
+def sample_crops(
+    u: np.ndarray,
+    image_hw: np.ndarray,
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+) -> np.ndarray:
+    """Random resized crop boxes (y0, x0, y1, x1), int64 [B, 4], integer pixels inside each image.
+
+    `u`: uniforms [B, attempts, 4] (area, aspect, row, column of each attempt); `image_hw`
+    [B, 2]. Area fraction uniform in `scale`, aspect ratio (w / h) log-uniform in `ratio`; the
+    first attempt that fits; where none fits, the largest centred crop with an aspect ratio
+    within `ratio`.
+    """
+    u = np.asarray(u, np.float64)
+    hw = np.asarray(image_hw, np.int64).reshape(-1, 2)
+    h, w = hw[:, 0:1], hw[:, 1:2]  # [B, 1]: broadcast over attempts
+    target = (h * w) * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = np.exp(lo + (hi - lo) * u[..., 1])
+    cw = np.round(np.sqrt(target * aspect)).astype(np.int64)
+    ch = np.round(np.sqrt(target / aspect)).astype(np.int64)
+    fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    y = np.minimum((u[..., 2] * (h - ch + 1)).astype(np.int64), h - ch)
+    x = np.minimum((u[..., 3] * (w - cw + 1)).astype(np.int64), w - cw)
+    first = fits.argmax(1)
+    rows = np.arange(len(hw))
+    ch, cw, y, x = ch[rows, first], cw[rows, first], y[rows, first], x[rows, first]
+    # the fallback: the whole image, trimmed to the nearest allowed aspect ratio
+    hh, ww = hw[:, 0], hw[:, 1]
+    in_ratio = ww / hh
+    fch = np.where(in_ratio > max(ratio), hh, np.where(in_ratio < min(ratio), np.round(ww / min(ratio)), hh))
+    fcw = np.where(in_ratio > max(ratio), np.round(hh * max(ratio)), ww)
+    fch, fcw = fch.astype(np.int64), fcw.astype(np.int64)
+    miss = ~fits.any(1)
+    ch, cw = np.where(miss, fch, ch), np.where(miss, fcw, cw)
+    y, x = np.where(miss, (hh - ch) // 2, y), np.where(miss, (ww - cw) // 2, x)
+    return np.stack([y, x, y + ch, x + cw], 1)
+
+
 def sample_crop(
     rng: np.random.Generator,
     image_hw: Sequence[int],
     scale: Sequence[float] = (0.08, 1.0),
     ratio: Sequence[float] = (3 / 4, 4 / 3),
-    attempts: int = 10,
+    attempts: int = CROP_ATTEMPTS,
 ) -> tuple[int, int, int, int]:
-    """A random resized crop box (y0, x0, y1, x1), integer pixels inside the image.
-
-    Area fraction uniform in `scale`, aspect ratio (w / h) log-uniform in `ratio`; after
-    `attempts` misses, the largest centred crop with an aspect ratio within `ratio`.
-    """
-    h, w = int(image_hw[0]), int(image_hw[1])
-    area = h * w
-    log_r = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(attempts):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(*log_r))
-        cw = int(round(math.sqrt(target * aspect)))
-        ch = int(round(math.sqrt(target / aspect)))
-        if 0 < cw <= w and 0 < ch <= h:
-            y = int(rng.integers(0, h - ch + 1))
-            x = int(rng.integers(0, w - cw + 1))
-            return (y, x, y + ch, x + cw)
-    in_ratio = w / h
-    if in_ratio < min(ratio):
-        cw, ch = w, int(round(w / min(ratio)))
-    elif in_ratio > max(ratio):
-        ch, cw = h, int(round(h * max(ratio)))
-    else:
-        ch, cw = h, w
-    y, x = (h - ch) // 2, (w - cw) // 2
-    return (y, x, y + ch, x + cw)
+    """One random resized crop box (y0, x0, y1, x1) drawn from `rng` (see `sample_crops`)."""
+    box = sample_crops(rng.random((1, attempts, 4)), [tuple(image_hw)], scale, ratio)[0]
+    return tuple(int(v) for v in box)
 
 
 @functools.lru_cache(maxsize=16384)
@@ -294,6 +335,21 @@ def transform_example(
             box = sample_crop(rng, (h, w), augment.crop_scale, augment.crop_ratio)
         if augment.hflip:
             flip = bool(rng.random() < 0.5)
+    return transform_single(image, entry, box=box, flip=flip, image_size=image_size, grid_hw=grid_hw, mean=mean, std=std)
+
+
+def transform_single(
+    image: np.ndarray,
+    entry: TeacherEntry | None,
+    *,
+    box: Sequence[float],
+    flip: bool,
+    image_size: int,
+    grid_hw: Sequence[int],
+    mean: Sequence[float] = (0.0, 0.0, 0.0),
+    std: Sequence[float] = (1.0, 1.0, 1.0),
+) -> dict[str, np.ndarray]:
+    """`transform_example` with the crop box and the flip given."""
     img = resize_image(image, box, image_size)
     if flip:
         img = img[:, ::-1]
@@ -318,7 +374,11 @@ __all__ = [
     "render_teacher",
     "resample_matrix",
     "resize_image",
+    "CROP_ATTEMPTS",
+    "example_uniforms",
     "sample_crop",
+    "sample_crops",
     "teacher_to_grid",
     "transform_example",
+    "transform_single",
 ]
