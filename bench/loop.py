@@ -23,9 +23,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lfi_jax import hostmem  # noqa: E402
+from lfi_jax import (
+    hostmem,  # noqa: E402
+    train,  # noqa: E402
+)
 from lfi_jax import sharding as shd  # noqa: E402
-from lfi_jax import train  # noqa: E402
 from lfi_jax.config import load_config_file  # noqa: E402
 from lfi_jax.data import pipeline  # noqa: E402
 from lfi_jax.data.cache import shared_image_cache  # noqa: E402

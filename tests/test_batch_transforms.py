@@ -30,7 +30,7 @@ def test_transform_batch_equals_transform_single_per_example():
     images = rng.integers(0, 256, (b, h, w, 3), dtype=np.uint8)
     entries = _entries(rng, b, h, w)
     boxes = []
-    for i in range(b):
+    for _ in range(b):
         y0, x0 = rng.integers(0, h // 2), rng.integers(0, w // 2)
         boxes.append((y0, x0, rng.integers(y0 + 4, h + 1), rng.integers(x0 + 4, w + 1)))
     boxes[3] = (0, 0, h, w)

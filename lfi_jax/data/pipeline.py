@@ -36,9 +36,9 @@ import grain
 import numpy as np
 from absl import flags
 
-from lfi_jax.data.sources import get_source
 from lfi_jax.data.batch_transforms import transform_batch
 from lfi_jax.data.cache import ImageCache, shared_image_cache
+from lfi_jax.data.sources import get_source
 from lfi_jax.data.transforms import CROP_ATTEMPTS, Augment, example_uniforms, sample_crops, transform_single
 from lfi_jax.teacher.provenance import check_compatible
 from lfi_jax.teacher.store import TeacherStore

@@ -335,7 +335,9 @@ def transform_example(
             box = sample_crop(rng, (h, w), augment.crop_scale, augment.crop_ratio)
         if augment.hflip:
             flip = bool(rng.random() < 0.5)
-    return transform_single(image, entry, box=box, flip=flip, image_size=image_size, grid_hw=grid_hw, mean=mean, std=std)
+    return transform_single(
+        image, entry, box=box, flip=flip, image_size=image_size, grid_hw=grid_hw, mean=mean, std=std
+    )
 
 
 def transform_single(
