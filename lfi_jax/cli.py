@@ -99,7 +99,7 @@ def run_cli(
     `argv`: the arguments after the program name (default sys.argv[1:]). `interrupt_note`: the
     one line printed after Ctrl-C (a string, or a function called then), default "interrupted".
     """
-    if argv is None and exit:  # a real command line, not a call from Python code
+    if argv is None:  # the process's own command line, not a call with arguments from Python code
         hostmem.maybe_reexec()  # huge pages for XLA's CPU buffers (may replace this process)
     args = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("LFI_DEBUG", "") not in ("", "0")
