@@ -24,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from lfi_jax import hostmem  # noqa: E402
 from lfi_jax import sharding as shd  # noqa: E402
 from lfi_jax.config import base_config, model_fields  # noqa: E402
 from lfi_jax.fileio import replace_doc_block  # noqa: E402
@@ -171,7 +172,8 @@ def table(rows, peak_j, peak_t, gate_hidden) -> str:
     out = [
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"jax {jax.__version__} ({jax.default_backend()}); gate_hidden={gate_hidden}. "
-        f"Measured float32 matmul peak: JAX {peak_j / 1e9:.1f} GFLOP/s, torch {peak_t / 1e9:.1f} GFLOP/s.",
+        f"Measured float32 matmul peak: JAX {peak_j / 1e9:.1f} GFLOP/s, torch {peak_t / 1e9:.1f} GFLOP/s; "
+        f"{hostmem.describe()} (both frameworks run in this one process).",
         "",
         "| model | arch | implementation | examples/s | MFU |",
         "|---|---|---|---|---|",
@@ -206,7 +208,11 @@ def main():
     p.add_argument("--gate_hidden", type=int, default=8)
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--record", default="", help="Markdown file to write the table into (section 'Train step').")
+    p.add_argument("--no-hugepages", dest="hugepages", action="store_false",
+                   help="run without lfi_jax.hostmem's huge-page tunable (the entry points' default)")
     a = p.parse_args()
+    if a.hugepages:
+        hostmem.maybe_reexec()
     rows, pj, pt = run(a.sizes.split(","), a.steps, not a.no_compile, a.gate_hidden)
     body = table(rows, pj, pt, a.gate_hidden)
     print(body)

@@ -8,12 +8,12 @@ from lfi_jax.experiments.cells import cell_config, config_hash
 
 def test_vit_row_gets_its_learning_rate_from_the_file_and_from_cells():
     assert load_config_file("demo", "vit").optim.lr == 2e-3
-    assert load_config_file("demo", "ivit").optim.lr == 1e-3
+    assert load_config_file("demo", "ivit").optim.lr == 4e-3
     base = f"{CONFIG_DIR}/demo.py"
     vit = cell_config(base, "ivit,shortcut", Cell({"model": "vit"}, {"ablation": "vit"}), {}, {})
     ivit = cell_config(base, "ivit,shortcut", Cell({"model": "ivit"}, {"ablation": "ivit"}), {}, {})
     assert (vit.optim.lr, vit.model.interaction_queries) == (2e-3, False)
-    assert (ivit.optim.lr, ivit.model.interaction_queries) == (1e-3, True)
+    assert (ivit.optim.lr, ivit.model.interaction_queries) == (4e-3, True)
     # --set comes after the row's edits, so the user's value wins
     mine = cell_config(base, "ivit", Cell({"model": "vit"}, {"ablation": "vit"}), {}, {"optim.lr": 5e-4})
     assert mine.optim.lr == 5e-4
