@@ -20,6 +20,7 @@ import time
 
 import jax
 import numpy as np
+from ml_collections import ConfigDict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -30,10 +31,9 @@ from lfi_jax import (
 from lfi_jax import sharding as shd  # noqa: E402
 from lfi_jax.config import load_config_file  # noqa: E402
 from lfi_jax.data import pipeline  # noqa: E402
-from lfi_jax.data.cache import shared_image_cache  # noqa: E402
-from lfi_jax.data.sources import get_source  # noqa: E402
 from lfi_jax.metrics import read_metrics  # noqa: E402
 from lfi_jax.models.config import model_config  # noqa: E402
+from lfi_jax.tasks import classification  # noqa: E402
 from lfi_jax.trainer import create_trainer  # noqa: E402
 
 
@@ -50,18 +50,17 @@ def demo_config(model: str, steps: int, log_every: int):
 
 
 def warm_cache(config) -> None:
-    """Renders every train image into the pipeline's in-memory cache (`data.cache_mb`), as the
-    main job's first epoch does: the timed loop then sees the later epochs' input cost."""
-    options = pipeline._options(config.data, train=True)
-    source = get_source(config.data.source, config.data.train_split, options)
-    cache = shared_image_cache(config.data, config.data.train_split, options)
-
-    def read(i):
-        ex = source[i]
-        return ex["id"], np.asarray(ex["image"]), int(ex["label"])
-
-    for i in range(len(source)):
-        cache.get(i, read)
+    """One epoch of the train iterator (no teacher), which renders every train image into the
+    pipeline's in-memory cache (`data.cache_mb`) as the main job's first epoch does: the timed
+    loop then sees the later epochs' input cost."""
+    mcfg = model_config(config)
+    teacher = ConfigDict(dict(store="", allow_missing=False))
+    it = pipeline.make_train_iterator(
+        config.data, teacher, global_batch_size=config.batch_size, patch_size=mcfg.patch_size, seed=int(config.seed)
+    )
+    n = len(classification.source(config, config.data.train_split))
+    for _ in range(-(-n // config.batch_size)):
+        next(it)
 
 
 def loop_rate(config) -> float:

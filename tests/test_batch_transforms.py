@@ -101,11 +101,10 @@ def test_image_cache_budget_and_sharing():
     for i in [0, 1, 2, 3, 0, 3]:
         c.get(i, load)
     assert calls == [0, 1, 2, 3, 3] and len(c) == 3 and c.nbytes == 36  # 3 does not fit: read again
-    cfg = ConfigDict(dict(source="shortcut_digits", cache_mb=1))
-    one = image_cache.shared_image_cache(cfg, "train", {"seed": 1})
-    assert image_cache.shared_image_cache(cfg, "train", {"seed": 1}) is one
-    assert image_cache.shared_image_cache(cfg, "train", {"seed": 2}) is not one
-    assert image_cache.shared_image_cache(ConfigDict(dict(source="x", cache_mb=0)), "train", {}).budget == 0
+    one = image_cache.shared_image_cache("shortcut_digits", "train", {"seed": 1}, 1)
+    assert image_cache.shared_image_cache("shortcut_digits", "train", {"seed": 1}, 1) is one
+    assert image_cache.shared_image_cache("shortcut_digits", "train", {"seed": 2}, 1) is not one
+    assert image_cache.shared_image_cache("x", "train", {}, 0).budget == 0
 
 
 def _data(cache_mb):

@@ -61,22 +61,19 @@ _caches: collections.OrderedDict[str, ImageCache] = collections.OrderedDict()
 _lock = threading.Lock()
 
 
-def _key(data_cfg: Any, split: str, options: dict[str, Any]) -> str:
-    return json.dumps([str(data_cfg.source), str(split), options], sort_keys=True, default=str)
+def _key(source: str, split: str, options: dict[str, Any]) -> str:
+    return json.dumps([str(source), str(split), options], sort_keys=True, default=str)
 
 
-def shared_image_cache(data_cfg: Any, split: str, options: dict[str, Any]) -> ImageCache:
-    """This process's cache for (data_cfg.source, split, options) with `data_cfg.cache_mb`'s
-    budget (a pass-through cache where it is 0)."""
-    try:
-        mb = float(data_cfg.get("cache_mb", 0))
-    except AttributeError:
-        mb = float(getattr(data_cfg, "cache_mb", 0))
+def shared_image_cache(source: str, split: str, options: dict[str, Any], cache_mb: float) -> ImageCache:
+    """This process's cache for (data source spec, split, options) with a budget of `cache_mb`
+    (`config.data.cache_mb`; a pass-through cache where it is 0)."""
+    mb = float(cache_mb)
     if mb < 0:
         raise ValueError(f"config.data.cache_mb={mb} must be >= 0")
     if mb == 0:
         return ImageCache(0)
-    key = _key(data_cfg, split, options)
+    key = _key(source, split, options)
     with _lock:
         cache = _caches.get(key)
         if cache is None or cache.budget != int(mb * _MB):

@@ -296,23 +296,24 @@ class _EvalElement:
     def __init__(self, prepare: _Prepare, n: int):
         self.prepare = prepare
         self.n = n
+        self._blank: np.ndarray | None = None  # the padding image, made once
 
     def __call__(self, k: int) -> _Raw:
         if k < self.n:
             return self.prepare.raw(int(k))
         # padding: a blank image of example 0's size, so that the batch keeps one image size
-        return _Raw(-1, 0, np.zeros_like(self.prepare.raw(0).image), 0, None)
+        if self._blank is None:
+            self._blank = np.zeros_like(self.prepare.raw(0).image)
+            self._blank.flags.writeable = False
+        return _Raw(-1, 0, self._blank, 0, None)
 
 
-class _TrainBatch:
+class _EvalBatch:
+    """`_Prepare.batch` plus `valid`, with the padding rows' images exactly zero."""
+
     def __init__(self, prepare: _Prepare):
         self.prepare = prepare
 
-    def __call__(self, raws: Sequence[_Raw]) -> dict[str, np.ndarray]:
-        return self.prepare.batch(raws)
-
-
-class _EvalBatch(_TrainBatch):
     def __call__(self, raws: Sequence[_Raw]) -> dict[str, np.ndarray]:
         out = self.prepare.batch(raws)
         valid = np.asarray([r.index >= 0 for r in raws])
@@ -411,12 +412,12 @@ def make_train_iterator(
         augment=Augment.from_config(data_cfg.augment),
         seed=seed,
         return_index=return_index,
-        images=shared_image_cache(data_cfg, data_cfg.train_split, options),
+        images=shared_image_cache(data_cfg.source, data_cfg.train_split, options, _get(data_cfg, "cache_mb", 0)),
     )
     ds = grain.MapDataset.range(n).shuffle(seed=int(seed) % 2**32).repeat()
     ds = ds.map_with_index(_EpochIndex(n))
     ds = ds[process_index::process_count]
-    ds = ds.map(_TrainElement(prepare)).batch(b, drop_remainder=True, batch_fn=_TrainBatch(prepare))
+    ds = ds.map(_TrainElement(prepare)).batch(b, drop_remainder=True, batch_fn=prepare.batch)
     return iter(_finish(ds, data_cfg))
 
 
@@ -453,7 +454,7 @@ def make_eval_iterator(
         augment=None,
         seed=0,
         return_index=return_index,
-        images=shared_image_cache(data_cfg, split, options),
+        images=shared_image_cache(data_cfg.source, split, options, _get(data_cfg, "cache_mb", 0)),
     )
     total = math.ceil(n / global_batch_size) * global_batch_size
     ds = grain.MapDataset.range(total)[process_index::process_count]
