@@ -295,7 +295,7 @@ def test_resume_records_resumable_changes(small_run, tmp_path, caplog):
     assert len(history) == 1 and history[0]["step"] == 2
     assert history[0]["changes"] == {
         "loss.align_weight": {"old": 1.0, "new": 0.5},
-        "optim.lr": {"old": 1e-3, "new": 5e-4},
+        "optim.lr": {"old": 4e-3, "new": 5e-4},
         "total_steps": {"old": 2, "new": 3},
     }
     assert any("config changed on resume" in r.getMessage() and "optim.lr" in r.getMessage() for r in caplog.records)
