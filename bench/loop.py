@@ -20,7 +20,6 @@ import time
 
 import jax
 import numpy as np
-from ml_collections import ConfigDict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -54,7 +53,8 @@ def warm_cache(config) -> None:
     pipeline's in-memory cache (`data.cache_mb`) as the main job's first epoch does: the timed
     loop then sees the later epochs' input cost."""
     mcfg = model_config(config)
-    teacher = ConfigDict(dict(store="", allow_missing=False))
+    teacher = config.teacher.copy_and_resolve_references()
+    teacher.store = ""  # the cache holds images only: no teacher maps needed to fill it
     it = pipeline.make_train_iterator(
         config.data, teacher, global_batch_size=config.batch_size, patch_size=mcfg.patch_size, seed=int(config.seed)
     )
