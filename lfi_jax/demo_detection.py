@@ -5,7 +5,10 @@
 
 Per seed s: the dense oracle teacher store of the train split is built once in
 WORKDIR/teacher_seed<s> (data drawn with seed s) and shared by the models that read a
-teacher; each model trains `configs/detection_demo.py:<model>` in WORKDIR/<model>_seed<s>.
+teacher, and the backbone is pretrained once on the train split's digit crops into
+WORKDIR/backbone_seed<s>-<hash>.safetensors (`lfi_jax.pretrain_backbone`, the stand-in for DETR's
+ImageNet backbone; `--set backbone_pretrain.steps=0` trains everything from scratch) and shared,
+frozen, by every model of the seed; each model trains `configs/detection_demo.py:<model>` in WORKDIR/<model>_seed<s>.
 A model name ending in `_shuffled` is the teacher-shuffled control: it reads
 WORKDIR/teacher_seed<s>_shuffled<k>, a copy of the store whose maps are permuted across the
 images (a derangement drawn with `teacher.shuffle_seed` k), so the maps keep their statistics
@@ -17,6 +20,7 @@ WORKDIR/results.json. Finished runs are not redone: re-running only fills what i
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -33,6 +37,7 @@ from lfi_jax.experiments.base import stats
 from lfi_jax.experiments.runner import checkpoint_complete
 from lfi_jax.fileio import write_json_atomic
 from lfi_jax.metrics import read_metrics, setup_logging
+from lfi_jax.pretrain_backbone import pretrain_backbone
 from lfi_jax.teacher.export import export_store
 from lfi_jax.teacher.store import MANIFEST, StoreWriter, TeacherStore
 
@@ -162,6 +167,34 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def backbone_file(config, workdir: str, seed: int) -> str | None:
+    """WORKDIR/backbone_seed<s>-<hash of what it depends on>.safetensors when the config asks the
+    demo to pretrain the backbone (`backbone_pretrain.steps` > 0 and no `init.backbone` given),
+    else None."""
+    bp = config.get("backbone_pretrain")
+    if bp is None or int(bp.steps) <= 0 or config.init.get("backbone", ""):
+        return None
+    key = {"backbone": config.model.backbone.to_dict(), "pretrain": bp.to_dict(), "data": config.data.source,
+           "options": config.data.options.to_dict(), "classes": int(config.model.num_classes)}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return os.path.join(workdir, f"backbone_seed{seed}-{digest}.safetensors")
+
+
+def use_backbone(config, path: str) -> None:
+    """Point the run at the pretrained backbone `path` (frozen with `backbone_pretrain.freeze`)."""
+    config.init.backbone = path
+    if config.backbone_pretrain.get("freeze", True):
+        config.optim.freeze = tuple(config.optim.freeze) + (r"^backbone/",)
+
+
+def ensure_backbone(config, path: str) -> str:
+    """The pretrained backbone file `path`, trained (`lfi_jax.pretrain_backbone`) if missing."""
+    if not os.path.exists(path):
+        log(f"seed {config.seed}: pretraining the backbone on the train split's box crops into {path}")
+        pretrain_backbone(config, path, log=log)
+    return path
+
+
 def run_detection_demo(workdir: str, *, seeds: int = 1, models: Sequence[str] = MODELS, runlocal: bool = False,
                        sets: dict[str, Any] | None = None) -> dict[str, Any]:
     """Trains what is missing, writes WORKDIR/results.json, prints the table; returns the payload."""
@@ -177,6 +210,9 @@ def run_detection_demo(workdir: str, *, seeds: int = 1, models: Sequence[str] = 
     for seed in range(seeds):
         for model in models:
             config = model_config(model, seed, runlocal=runlocal, sets=sets)
+            backbone = backbone_file(config, workdir, seed)
+            if backbone is not None:
+                use_backbone(config, backbone)
             run_dir = os.path.join(workdir, f"{model}_seed{seed}")
             final = finished(run_dir, config)
             wall = None
@@ -185,6 +221,8 @@ def run_detection_demo(workdir: str, *, seeds: int = 1, models: Sequence[str] = 
             else:
                 if config.model.interaction_constraint:
                     config.teacher.store = ensure_teacher(config, workdir, seed)
+                if backbone is not None:
+                    ensure_backbone(config, backbone)
                 log(f"{model} seed {seed}: training {config.total_steps} steps in {run_dir}")
                 t = time.time()
                 final = train.train_and_evaluate(config, run_dir)

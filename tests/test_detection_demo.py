@@ -83,6 +83,12 @@ def test_main_job_runlocal_through_the_cli(tmp_path):
     assert run["step"] == 2 and res["results"]["idetr_shuffled/AP50"] == run["val/AP50"]
     assert (out / "teacher_seed0" / "manifest.json").exists()
     assert (out / "teacher_seed0_shuffled0" / "manifest.json").exists()
+    # the backbone is pretrained once per seed, named in the run's config and frozen
+    assert "backbone pretraining: val crop accuracy" in r.stdout, r.stdout[-2000:]
+    saved = json.load(open(out / "idetr_shuffled_seed0" / "config.json"))
+    (backbone,) = out.glob("backbone_seed0-*.safetensors")
+    assert saved["init"]["backbone"] == str(backbone)
+    assert "^backbone/" in saved["optim"]["freeze"]
     # finished runs are not redone
     r = subprocess.run(cmd, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "finished earlier" in r.stdout, r.stdout[-2000:]

@@ -19,9 +19,11 @@ Every run is `lfi_jax.demo_detection.model_config(row, seed, config_file=...)`: 
 config with the seed for the model and the data, the budget and the --set overrides. The
 dense oracle teacher store (and its shuffled copy) is built once per group, data and seed by
 `lfi_jax.demo_detection.ensure_teacher` under WORKDIR/<group>/teachers-<hash of the data>,
+beside the pretrained, frozen backbone of a config with `backbone_pretrain` (detection_demo.py;
+`lfi_jax.demo_detection.ensure_backbone`),
 and each run trains in WORKDIR/<group>/<row>_seed<s>-<hash of its config>; finished runs are
-not redone. `--budget full` (default) trains the configs as written (1200 steps each: about 9
-minutes per detection run on 2 CPU cores), `small` divides the step counts by 10, and
+not redone. `--budget full` (default) trains the configs as written (detection: 4000 steps, about 2-3
+minutes per run on 2 CPU cores), `small` divides the step counts by 10, and
 `--config runlocal` takes each config's `runlocal` variant (a few steps of a tiny model: a
 smoke test).
 
@@ -139,6 +141,9 @@ def metric_keys(group: RowGroup, config) -> list[str]:
 def run_cell(group: RowGroup, cell: Cell, config, root: str) -> CellResult:
     """Trains the cell unless it finished earlier; its result (metrics of the first eval split)."""
     keys = metric_keys(group, config)
+    backbone = dd.backbone_file(config, teacher_root(root, group, config), cell.seed)
+    if backbone is not None:
+        dd.use_backbone(config, backbone)
     wd = os.path.join(root, group.name, f"{cell.labels['model']}_seed{cell.seed}-{config_hash(config)}")
     info = os.path.join(wd, "cell.json")
     final = dd.finished(wd, config, keys)
@@ -151,6 +156,8 @@ def run_cell(group: RowGroup, cell: Cell, config, root: str) -> CellResult:
     else:
         if config.model.interaction_constraint:
             config.teacher.store = dd.ensure_teacher(config, teacher_root(root, group, config), cell.seed)
+        if backbone is not None:
+            dd.ensure_backbone(config, backbone)
         log(f"{cell.describe()}: training {config.total_steps} steps in {wd}")
         t = time.time()
         final = train.train_and_evaluate(config, wd)
