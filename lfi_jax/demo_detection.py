@@ -167,24 +167,22 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def backbone_file(config, workdir: str, seed: int) -> str | None:
-    """WORKDIR/backbone_seed<s>-<hash of what it depends on>.safetensors when the config asks the
-    demo to pretrain the backbone (`backbone_pretrain.steps` > 0 and no `init.backbone` given),
-    else None."""
+def attach_backbone(config, workdir: str, seed: int) -> str | None:
+    """When the config asks the demo to pretrain the backbone (`backbone_pretrain.steps` > 0 and
+    no `init.backbone` given): point the run at WORKDIR/backbone_seed<s>-<hash of what it depends
+    on>.safetensors (`init.backbone`; frozen through `optim.freeze` with `backbone_pretrain.freeze`)
+    and return that path (the file is built by `ensure_backbone`); else None, config untouched."""
     bp = config.get("backbone_pretrain")
     if bp is None or int(bp.steps) <= 0 or config.init.get("backbone", ""):
         return None
     key = {"backbone": config.model.backbone.to_dict(), "pretrain": bp.to_dict(), "data": config.data.source,
            "options": config.data.options.to_dict(), "classes": int(config.model.num_classes)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return os.path.join(workdir, f"backbone_seed{seed}-{digest}.safetensors")
-
-
-def use_backbone(config, path: str) -> None:
-    """Point the run at the pretrained backbone `path` (frozen with `backbone_pretrain.freeze`)."""
+    path = os.path.join(workdir, f"backbone_seed{seed}-{digest}.safetensors")
     config.init.backbone = path
-    if config.backbone_pretrain.get("freeze", True):
+    if bp.get("freeze", True):
         config.optim.freeze = tuple(config.optim.freeze) + (r"^backbone/",)
+    return path
 
 
 def ensure_backbone(config, path: str) -> str:
@@ -210,9 +208,7 @@ def run_detection_demo(workdir: str, *, seeds: int = 1, models: Sequence[str] = 
     for seed in range(seeds):
         for model in models:
             config = model_config(model, seed, runlocal=runlocal, sets=sets)
-            backbone = backbone_file(config, workdir, seed)
-            if backbone is not None:
-                use_backbone(config, backbone)
+            backbone = attach_backbone(config, workdir, seed)
             run_dir = os.path.join(workdir, f"{model}_seed{seed}")
             final = finished(run_dir, config)
             wall = None
@@ -287,6 +283,6 @@ def main(argv: Sequence[str]) -> int:
 
 
 __all__ = [
-    "MODELS", "ROWS", "ensure_teacher", "finished", "format_table", "main", "model_config", "run_detection_demo",
-    "shuffle_store", "summarise",
+    "MODELS", "ROWS", "attach_backbone", "ensure_backbone", "ensure_teacher", "finished", "format_table", "main",
+    "model_config", "run_detection_demo", "shuffle_store", "summarise",
 ]

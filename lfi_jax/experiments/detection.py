@@ -141,9 +141,7 @@ def metric_keys(group: RowGroup, config) -> list[str]:
 def run_cell(group: RowGroup, cell: Cell, config, root: str) -> CellResult:
     """Trains the cell unless it finished earlier; its result (metrics of the first eval split)."""
     keys = metric_keys(group, config)
-    backbone = dd.backbone_file(config, teacher_root(root, group, config), cell.seed)
-    if backbone is not None:
-        dd.use_backbone(config, backbone)
+    backbone = dd.attach_backbone(config, teacher_root(root, group, config), cell.seed)
     wd = os.path.join(root, group.name, f"{cell.labels['model']}_seed{cell.seed}-{config_hash(config)}")
     info = os.path.join(wd, "cell.json")
     final = dd.finished(wd, config, keys)
