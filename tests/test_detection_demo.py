@@ -2,9 +2,9 @@
 control store, and resume after SIGKILL for the detection task."""
 
 import json
+import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("pycocotools")
 pytest.importorskip("array_record")
 
-from test_train import REPO, _env, _final_loss  # noqa: E402
+from test_train import REPO, _env, _final_loss, run_killed_before_save  # noqa: E402
 
 from lfi_jax.data.sources import get_source  # noqa: E402
 from lfi_jax.demo_detection import format_table, model_config, shuffle_store, summarise  # noqa: E402
@@ -116,18 +116,9 @@ def test_detection_sigkill_after_checkpoint_resumes_bitwise(tmp_path):
     ref_loss = _final_loss(tmp_path / "ref", 8)
 
     work = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(work, store), cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 400
-    ckpt3 = work / "checkpoints" / "3"
-    while time.time() < deadline and proc.poll() is None:
-        if ckpt3.is_dir() and not any(p.name.endswith("tmp") for p in (work / "checkpoints").iterdir()):
-            break
-        time.sleep(0.02)
-    killed = proc.poll() is None
-    proc.kill()
-    proc.wait(timeout=60)
-    assert killed, "the run finished before it could be killed: " + (proc.stdout.read()[-2000:] if proc.stdout else "")
+    killed = run_killed_before_save(_train_cmd(work, store), 6, env)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert sorted(p.name for p in (work / "checkpoints").iterdir() if p.name.isdigit()) == ["3"]
     resumed = subprocess.run(_train_cmd(work, store), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step" in resumed.stderr

@@ -54,6 +54,32 @@ def _final_loss(workdir, step):
     return rows[-1]["loss"]
 
 
+# Stands in for `python -m lfi_jax.train` and SIGKILLs itself when the trainer is about to
+# save checkpoint STEP: the work since the previous checkpoint is lost, as in a preemption
+# with no warning. A fixed point rather than a timer: on a warm compilation cache a few tiny
+# steps finish before any poll loop could notice a checkpoint and kill the process.
+_KILLER = """
+import os, signal, sys
+from lfi_jax import checkpoint
+save = checkpoint.Checkpointer.save
+def dying_save(self, step, *args, **kwargs):
+    if step == {step}:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return save(self, step, *args, **kwargs)
+checkpoint.Checkpointer.save = dying_save
+from lfi_jax.train import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_killed_before_save(train_cmd, step, env):
+    """Runs TRAIN_CMD (a `python -m lfi_jax.train ...` list) so that it dies by SIGKILL when it
+    is about to save checkpoint STEP; returns the CompletedProcess."""
+    assert train_cmd[1:3] == ["-m", "lfi_jax.train"], train_cmd
+    return subprocess.run([train_cmd[0], "-c", _KILLER.format(step=step), *train_cmd[3:]], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.slow
 def test_sigkill_after_checkpoint_resumes_bitwise(tmp_path):
     env = _env(tmp_path)
@@ -67,20 +93,9 @@ def test_sigkill_after_checkpoint_resumes_bitwise(tmp_path):
     ref_loss = _final_loss(tmp_path / "ref", 8)
 
     work = tmp_path / "killed"
-    # Slow each step down a little so the kill lands between checkpoints 3 and 6.
-    proc = subprocess.Popen(
-        _train_cmd(work, *steps), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    deadline = time.time() + 300
-    ckpt3 = work / "checkpoints" / "3"
-    while time.time() < deadline and proc.poll() is None:
-        if ckpt3.is_dir() and not any(p.name.endswith("tmp") for p in (work / "checkpoints").iterdir()):
-            break
-        time.sleep(0.05)
-    killed = proc.poll() is None
-    proc.kill()
-    proc.wait(timeout=60)
-    assert killed, "the run finished before it could be killed: " + (proc.stdout.read()[-2000:] if proc.stdout else "")
+    killed = run_killed_before_save(_train_cmd(work, *steps), 6, env)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert sorted(p.name for p in (work / "checkpoints").iterdir() if p.name.isdigit()) == ["3"]
     resumed = subprocess.run(_train_cmd(work, *steps), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step" in resumed.stderr
