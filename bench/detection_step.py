@@ -255,15 +255,16 @@ def run(steps: int, batch: int, optax_row: bool, torch_threads: list[int]):
     return rows, notes, mcfg
 
 
-def table(rows, notes, mcfg, batch: int, steps: int) -> str:
+def table(rows, notes, mcfg, batch: int, steps: int, load: tuple[float, float]) -> str:
     import torch
     import transformers
 
     bb = mcfg.backbone
     out = [
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared with other "
-        f"work; the run was under `nice -n 19`, so the absolute numbers are low and noisy, the ratios within "
-        f"one run less so), jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (1-minute load average "
+        f"{load[0]:.1f} before the run, {load[1]:.1f} after it: near 0 before means nothing else ran; one per "
+        f"core busy with other work makes the absolute numbers low and noisy), "
+        f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
         f"transformers {transformers.__version__}. Model: configs/detection_demo.py (ResNet "
         f"{list(bb.hidden_sizes)} x {list(bb.depths)} {bb.layer_type}, stride {bb.stride}; D={mcfg.hidden_size}, "
         f"{mcfg.encoder_layers}+{mcfg.decoder_layers} layers, {mcfg.num_queries} queries, {mcfg.num_classes} "
@@ -314,8 +315,9 @@ def main():
     p.add_argument("--record", default="", help="Markdown file for the table (section 'Detection train step').")
     a = p.parse_args()
     threads = sorted({int(n) for n in a.torch_threads.split(",") if n})
+    load0 = os.getloadavg()[0]
     rows, notes, mcfg = run(a.steps, a.batch, not a.no_optax, threads)
-    body = table(rows, notes, mcfg, a.batch, a.steps)
+    body = table(rows, notes, mcfg, a.batch, a.steps, (load0, os.getloadavg()[0]))
     print(body)
     if a.record:
         record(a.record, body, "python bench/detection_step.py " + " ".join(sys.argv[1:]))
