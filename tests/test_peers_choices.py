@@ -204,3 +204,16 @@ def test_default_switches_keep_the_hash():
     for k in ("align_reduce", "align_rows", "rrr_weight", "rrr_threshold"):
         del c.loss[k]
     assert config_hash(c) == h
+
+
+def test_rrr_weights_option_restricts_the_rrr_rows(capsys):
+    from lfi_jax.experiments.cli import main
+
+    cells = EXPERIMENTS["peers"].grid(GridOptions(regimes=("shortcut",), rrr_weights=(1.0,)))
+    assert [(c.labels["method"], c.labels["rrr_weight"]) for c in cells] == [
+        ("vit", 0.0), ("ivit", 0.0), ("attention_transfer", 0.0), ("rrr", 1.0)]
+    assert [c.edits["loss.rrr_weight"] for c in cells if c.labels["method"] == "rrr"] == [1.0]
+    for bad, words in (("0", "must be > 0"), ("1,x", "comma-separated numbers")):
+        assert main(["peers", "--rrr_weights", bad]) == 2
+        err = capsys.readouterr().err
+        assert "--rrr_weights" in err and words in err

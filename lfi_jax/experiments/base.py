@@ -86,6 +86,7 @@ class GridOptions(NamedTuple):
     ratios: tuple[float, ...] | None = None
     noise: tuple[tuple[str, float], ...] | None = None
     regimes: tuple[str, ...] | None = None
+    rrr_weights: tuple[float, ...] | None = None
 
 
 def no_requirements(config, sets: dict[str, Any]) -> None:

@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="teacher_noise only: the noise levels (default blur=1,2,4 shift=1,2 uniform=0.5,0.9)",
     )
     p.add_argument(
+        "--rrr_weights",
+        default=None,
+        help="peers only: comma-separated weights of the RRR rows (default "
+        + ",".join(f"{w:g}" for w in peers.RRR_WEIGHTS) + ")",
+    )
+    p.add_argument(
         "--regimes",
         default=None,
         help="comma-separated regimes: spurious_p (default clean,shortcut,hard), peers (shortcut,hard), "
@@ -97,7 +103,20 @@ def grid_options(args) -> GridOptions:
     regimes = tuple(args.regimes.split(",")) if args.regimes else None
     spurious_p.check_regimes(regimes)
     ratios = tuple(float(r) for r in args.ratios.split(",")) if args.ratios else None
-    return GridOptions(ratios=ratios, noise=parse_noise(args.noise), regimes=regimes)
+    return GridOptions(ratios=ratios, noise=parse_noise(args.noise), regimes=regimes,
+                       rrr_weights=parse_rrr_weights(args.rrr_weights))
+
+
+def parse_rrr_weights(text: str | None) -> tuple[float, ...] | None:
+    if not text:
+        return None
+    try:
+        weights = tuple(float(w) for w in text.split(",") if w)
+    except ValueError:
+        raise ValueError(f"--rrr_weights {text!r}: expected comma-separated numbers, e.g. 0.1,1") from None
+    if not weights or any(not w > 0 for w in weights):
+        raise ValueError(f"--rrr_weights {text!r}: every weight must be > 0 (weight 0 is the ViT row)")
+    return weights
 
 
 def enable_compilation_cache(workdir: str) -> None:

@@ -51,7 +51,8 @@ def method_cells(regime: str, weights=RRR_WEIGHTS) -> list[Cell]:
 
 
 def grid(opts: GridOptions) -> list[Cell]:
-    return [c for r in (opts.regimes or PEER_REGIMES) for c in method_cells(r)]
+    weights = opts.rrr_weights or RRR_WEIGHTS
+    return [c for r in (opts.regimes or PEER_REGIMES) for c in method_cells(r, weights)]
 
 
 def check(config, sets) -> None:
