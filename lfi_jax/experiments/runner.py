@@ -209,7 +209,8 @@ def run_experiment(
         f"at {c0.data.image_size} px, {seeds} seed(s); eval splits {', '.join(c0.data.eval_splits)}"
     )
     spec = f"{base_path}{':' + base_arg if base_arg else ''}"
-    title = f"{exp.title} (base config {os.path.basename(base_path)}{':' + base_arg if base_arg else ''})"
+    regimes = f", regimes {','.join(options.regimes)}" if options.regimes else ""
+    title = f"{exp.title} (base config {os.path.basename(base_path)}{':' + base_arg if base_arg else ''}{regimes})"
     md = "\n".join(
         [
             f"# {title}",
