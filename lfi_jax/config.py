@@ -260,6 +260,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.num_workers = 0  # grain worker processes (0 = threads in this process)
     c.data.num_threads = 2  # in-process prefetch threads
     c.data.prefetch = 4  # batches buffered ahead
+    # Nice value added to the threads that build train batches (0 = same priority as XLA's;
+    # lfi_jax/data/priority.py): on a small CPU host they then take the cores between ops.
+    c.data.thread_nice = 0
     # Decoded images kept in memory per split, in MB (0 = none; lfi_jax/data/cache.py): the
     # embedded benchmark renders each image once instead of once per epoch and evaluation.
     c.data.cache_mb = 0
@@ -311,6 +314,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.axes = ("data", "fsdp")
     c.mesh.shape = (-1, 1)  # -1: all remaining devices
     c.mesh.fsdp_min_size = 2**16  # parameters smaller than this stay replicated
+    # XLA devices to split a CPU host into before the mesh is built (0 = JAX's default, one);
+    # the mesh's -1 then spans them (lfi_jax.sharding.request_cpu_devices). GPU/TPU: no effect.
+    c.mesh.cpu_devices = 0
 
     c.distributed = ml_collections.ConfigDict(
         dict(

@@ -19,7 +19,9 @@ not divisible) simply means "replicated", and `-1` in `config.mesh.shape` takes 
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import re
 from typing import Any, Sequence
 
@@ -27,6 +29,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+log = logging.getLogger(__name__)
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -57,6 +61,44 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int, axes: Sequence[st
             f"{num_devices} are available"
         )
     return tuple(shape)
+
+
+def request_cpu_devices(n: int) -> int:
+    """Split the host's CPU backend into `n` XLA devices (`jax_num_cpu_devices`), the
+    `config.mesh.cpu_devices` of a run; 0 leaves JAX's default (one).
+
+    Why: XLA runs one device's small ops one after another, each split over the cores with a
+    hand-off per op; at the embedded benchmark's size that leaves a 2-core host's second core
+    idle for much of a step. Several CPU devices, each with its share of the batch under the
+    usual data-parallel mesh, keep the cores busy (docs/performance.md, "CPU devices"). Only
+    the CPU backend is affected (a GPU or TPU run is not). JAX reads the value when its
+    backends start: once they have, a different `n` cannot apply, and the run goes on with
+    the devices there are (logged). A count set outside the config (`JAX_NUM_CPU_DEVICES`,
+    `jax.config`, `--xla_force_host_platform_device_count` in XLA_FLAGS, as launchers and
+    tests do) wins over it. Returns the count in effect: `n` once applied, otherwise the one
+    JAX started with or was given (-1: JAX's default or XLA_FLAGS).
+    """
+    n = int(n)
+    if n < 0:
+        raise ValueError(f"config.mesh.cpu_devices={n} must be >= 0 (0 = JAX's default)")
+    current = int(jax.config.jax_num_cpu_devices)
+    if n == 0 or current == n:
+        return current
+    if current > 0 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        # Chosen outside the config (JAX_NUM_CPU_DEVICES, jax.config, XLA_FLAGS: a launcher, a
+        # test, the user): that choice stands.
+        log.info("config.mesh.cpu_devices=%d left aside: the CPU device count was set outside the config", n)
+        return current
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # the backends have started
+        have = len(jax.devices("cpu"))
+        if have != n:
+            log.warning(
+                "config.mesh.cpu_devices=%d not applied: JAX's backends had started with %d CPU "
+                "device(s) (set it before the first JAX operation)", n, have)
+        return have
+    return n
 
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:

@@ -123,6 +123,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     task = get_task(config)
     mcfg = task.model_config(config)
     changes = check_resume(workdir, config)
+    shd.request_cpu_devices(config.mesh.get("cpu_devices", 0))
     mesh = shd.make_mesh(config.mesh)
     source = task.source(config, config.data.train_split)
     report = validate_for_training(  # before a store is built
@@ -252,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     if name != config.get("name", "train"):
         log.info("run name %s (config %s with --config.%s)", name, config.name, ", --config.".join(overrides))
         config.name = name
+    shd.request_cpu_devices(config.mesh.get("cpu_devices", 0))  # before JAX's backends start
     maybe_initialize(config.distributed)
     result = train_and_evaluate(config, args.workdir)
     if jax.process_index() == 0:

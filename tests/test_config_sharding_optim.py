@@ -89,3 +89,26 @@ def test_every_config_builds_and_validates(name, arg):
 def test_unknown_config_arg_fails():
     with pytest.raises(ValueError, match="unknown config argument 'resnet'"):
         load_config_file("demo", "resnet")
+
+
+def test_request_cpu_devices_before_and_after_backend_start():
+    import os
+    import subprocess
+    import sys
+
+    def run(code: str, **env) -> list[str]:
+        base = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
+        out = subprocess.run([sys.executable, "-c", "from lfi_jax import sharding as shd\nimport jax\n" + code],
+                             capture_output=True, text=True, timeout=120, env={**base, "JAX_PLATFORMS": "cpu", **env})
+        assert out.returncode == 0, out.stderr
+        return out.stdout.split() + (["warned"] if "not applied" in out.stderr else [])
+
+    # A fresh process: the request applies.
+    assert run("print(shd.request_cpu_devices(3), len(jax.devices('cpu')))") == ["3", "3"]
+    # A count chosen outside the config (a launcher's JAX_NUM_CPU_DEVICES) stands.
+    assert run("print(shd.request_cpu_devices(3), len(jax.devices('cpu')))", JAX_NUM_CPU_DEVICES="2") == ["2", "2"]
+    # After the first JAX operation the backends have started: logged, the run goes on with one.
+    assert run("jax.numpy.zeros(1).block_until_ready()\nimport logging\nlogging.basicConfig()\n"
+               "print(shd.request_cpu_devices(3), len(jax.devices('cpu')))") == ["1", "1", "warned"]
+    with pytest.raises(ValueError, match="cpu_devices=-1"):
+        shd.request_cpu_devices(-1)
