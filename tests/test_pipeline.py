@@ -282,3 +282,35 @@ def test_worker_processes_give_the_same_stream():
             restored.close()
     finally:
         workers.close()
+
+
+def test_lower_thread_priority_applies_to_the_calling_thread_only():
+    import os
+    import sys
+    import threading
+
+    from lfi_jax.data.priority import lower_thread_priority
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-thread nice values are a Linux behaviour")
+
+    def nice_of(tid: int) -> int:  # field 19 of /proc/<pid>/task/<tid>/stat, read independently
+        with open(f"/proc/{os.getpid()}/task/{tid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[16])
+
+    main_before = nice_of(threading.get_native_id())
+    seen = {}
+
+    def worker():
+        tid = threading.get_native_id()
+        before = nice_of(tid)
+        lower_thread_priority(3)
+        lower_thread_priority(3)  # once per thread: the second call does nothing
+        seen["delta"] = nice_of(tid) - before
+        seen["before"] = before
+
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join()
+    assert seen["delta"] == min(3, 19 - seen["before"])
+    assert nice_of(threading.get_native_id()) == main_before

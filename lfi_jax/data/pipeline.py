@@ -38,6 +38,7 @@ from absl import flags
 
 from lfi_jax.data.batch_transforms import transform_batch
 from lfi_jax.data.cache import ImageCache, shared_image_cache
+from lfi_jax.data.priority import lower_thread_priority
 from lfi_jax.data.sources import get_source
 from lfi_jax.data.transforms import CROP_ATTEMPTS, Augment, example_uniforms, sample_crops, transform_single
 from lfi_jax.teacher.provenance import check_compatible
@@ -185,8 +186,10 @@ class _Prepare:
         seed: int,
         return_index: bool,
         images: ImageCache | None = None,
+        thread_nice: int = 0,
     ):
         self.source = source
+        self.thread_nice = int(thread_nice)
         self.lookup = lookup
         self.image_size = int(image_size)
         self.grid_hw = grid_hw
@@ -233,6 +236,7 @@ class _Prepare:
         return boxes, flips
 
     def batch(self, raws: Sequence[_Raw]) -> dict[str, np.ndarray]:
+        lower_thread_priority(self.thread_nice)  # the thread building batches (data.thread_nice)
         boxes, flips = self._geometry(raws)
         kw = dict(image_size=self.image_size, grid_hw=self.grid_hw, mean=self.mean, std=self.std)
         if len({r.image.shape for r in raws}) == 1:
@@ -413,6 +417,7 @@ def make_train_iterator(
         seed=seed,
         return_index=return_index,
         images=shared_image_cache(data_cfg.source, data_cfg.train_split, options, _get(data_cfg, "cache_mb", 0)),
+        thread_nice=int(_get(data_cfg, "thread_nice", 0)),
     )
     ds = grain.MapDataset.range(n).shuffle(seed=int(seed) % 2**32).repeat()
     ds = ds.map_with_index(_EpochIndex(n))
