@@ -1,13 +1,16 @@
 """The training loop's examples/s against the bare jitted train step's, at the demo size, side
 by side in one run (issue: the loop must be within 5 % of the step).
 
-    python bench/loop.py [--models vit,ivit] [--steps 100] [--log_every 10]
+    python bench/loop.py [--models vit,ivit] [--steps 100] [--log_every 10] [--cpu_devices N]
 
 For each model: `lfi_jax.train.train_and_evaluate` on configs/demo.py:<model> for --steps steps
 (the real input pipeline, augmentation and teacher maps; evaluation only at the end on 64 test
 images), its examples/s read from the progress records of metrics.jsonl (the first interval,
 which holds the compilation, left out); then the same config's jitted step alone on one fixed
-device batch (`lfi_jax.trainer.create_trainer`), after a compile step.
+device batch (`lfi_jax.trainer.create_trainer`), after a compile step, on the same mesh (the
+config's `mesh.cpu_devices` CPU devices unless --cpu_devices says otherwise), timed once
+before and once after the loop (the mean is reported, so a drift of the machine's load
+between the two hits both columns alike).
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ def loop_rate(config) -> float:
 
 def bare_rate(config, steps: int) -> float:
     mcfg = model_config(config)
-    mesh = shd.make_mesh(config.mesh, devices=jax.devices()[:1])
+    mesh = shd.make_mesh(config.mesh)
     trainer, init, _ = create_trainer(config, mcfg, mesh, seed=0)
     state = init()
     rng = np.random.default_rng(0)
@@ -105,16 +108,22 @@ def main() -> None:
                    help="run without lfi_jax.hostmem's huge-page tunable (the entry points' default)")
     p.add_argument("--cold", dest="warm", action="store_false",
                    help="leave the image cache empty (the first epoch's cost) instead of filling it first")
+    p.add_argument("--cpu_devices", type=int, default=None,
+                   help="CPU devices of the run (default: configs/demo.py's mesh.cpu_devices)")
     args = p.parse_args()
     if args.hugepages:
         hostmem.maybe_reexec()
     rows = []
     for model in args.models.split(","):
         config = demo_config(model, args.steps, args.log_every)
+        if args.cpu_devices is not None:
+            config.mesh.cpu_devices = args.cpu_devices
+        shd.request_cpu_devices(config.mesh.cpu_devices)  # before the first JAX operation
         if args.warm:
             warm_cache(config)
+        before = bare_rate(config, args.steps)
         loop = loop_rate(config)
-        bare = bare_rate(config, args.steps)
+        bare = (before + bare_rate(config, args.steps)) / 2
         rows.append((model, loop, bare))
     devices = f"{jax.device_count()} {jax.default_backend()} device(s)"
     cache = "image cache filled first (later epochs)" if args.warm else "image cache empty (first epoch)"

@@ -1,11 +1,16 @@
 """Examples/s of a full train step (forward, backward, AdamW) for ViT and I-ViT, in JAX and in
 the PyTorch reference (eager and torch.compile), on the same machine in one run.
 
-    python bench/train_step.py [--sizes s16,demo] [--steps 5] [--no-compile] [--record docs/performance.md]
+    python bench/train_step.py [--sizes s16,demo] [--steps 5] [--no-compile] [--cpu_devices 4]
+        [--record docs/performance.md]
 
 Model FLOPs utilisation (MFU) = 3 x forward FLOPs (lfi_jax.models.flops, 2 FLOPs per MAC, gate
 included) x examples/s, against a matmul peak measured here (a 2048^3 float32 matmul in each
 framework). Both frameworks use every core of the machine (torch's intra-op threads = cores).
+Each rate is the median of 3 timed blocks of --steps steps (after a compile / warm-up step).
+With --cpu_devices N > 1 the host's CPU backend is split into N XLA devices
+(`config.mesh.cpu_devices`, what the main job uses) and a second JAX row runs the same step
+data parallel over them (the batch split N ways); the first JAX row keeps one device.
 """
 
 from __future__ import annotations
@@ -73,7 +78,11 @@ def _batch(cfg, batch, seed=0):
     }
 
 
-def time_jax(mcfg, batch, steps) -> float:
+REPEATS = 3  # timed blocks per rate; the median is reported
+
+
+def time_jax(mcfg, batch, steps, devices: int = 1) -> float:
+    """Examples/s of the trainer's jitted step, data parallel over the first `devices` devices."""
     import ml_collections
 
     from lfi_jax.trainer import create_trainer
@@ -82,18 +91,21 @@ def time_jax(mcfg, batch, steps) -> float:
     c.model = ml_collections.ConfigDict(model_fields("S/16", **{k: v for k, v in dataclasses.asdict(mcfg).items()}))
     c.batch_size = batch
     c.data.image_size = mcfg.image_size
-    c.mesh.shape = (1, 1)
-    mesh = shd.make_mesh(c.mesh, devices=jax.devices()[:1])
+    c.mesh.shape = (devices, 1)
+    mesh = shd.make_mesh(c.mesh, devices=jax.devices()[:devices])
     trainer, init, _ = create_trainer(c, mcfg, mesh, seed=0)
     state = init()
     gb = shd.global_batch(_batch(mcfg, batch), mesh)
     state, m = trainer.train_step(state, gb)  # compile
     jax.block_until_ready(m)
-    t = time.perf_counter()
-    for _ in range(steps):
-        state, m = trainer.train_step(state, gb)
-    jax.block_until_ready(m)
-    return batch * steps / (time.perf_counter() - t)
+    rates = []
+    for _ in range(REPEATS):
+        t = time.perf_counter()
+        for _ in range(steps):
+            state, m = trainer.train_step(state, gb)
+        jax.block_until_ready(m)
+        rates.append(batch * steps / (time.perf_counter() - t))
+    return float(np.median(rates))
 
 
 def time_torch(mcfg, batch, steps, compile_: bool) -> float:
@@ -127,17 +139,20 @@ def time_torch(mcfg, batch, steps, compile_: bool) -> float:
     fn = torch.compile(step) if compile_ else step
     fn()
     fn()  # compile / warm-up
-    t = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    return batch * steps / (time.perf_counter() - t)
+    rates = []
+    for _ in range(REPEATS):
+        t = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        rates.append(batch * steps / (time.perf_counter() - t))
+    return float(np.median(rates))
 
 
 def train_flops(mcfg) -> float:
     return 3 * 2 * macs(mcfg)["total"]
 
 
-def run(sizes, steps, do_compile, gate_hidden):
+def run(sizes, steps, do_compile, gate_hidden, cpu_devices=1):
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -150,7 +165,10 @@ def run(sizes, steps, do_compile, gate_hidden):
         res = {}
         for label, mcfg in (("ViT", vit), ("I-ViT", ivit)):
             flops = train_flops(mcfg)
-            r = {"jax": time_jax(mcfg, batch, steps), "torch eager": time_torch(mcfg, batch, steps, False)}
+            r = {"jax": time_jax(mcfg, batch, steps)}
+            if cpu_devices > 1:
+                r[f"jax, {cpu_devices} CPU devices"] = time_jax(mcfg, batch, steps, cpu_devices)
+            r["torch eager"] = time_torch(mcfg, batch, steps, False)
             if do_compile:
                 try:
                     r["torch.compile"] = time_torch(mcfg, batch, steps, True)
@@ -159,12 +177,12 @@ def run(sizes, steps, do_compile, gate_hidden):
                     r["torch.compile"] = float("nan")
             res[label] = (r, flops)
             for impl, eps in r.items():
-                peak = peak_j if impl == "jax" else peak_t
+                peak = peak_j if impl.startswith("jax") else peak_t
                 rows.append((f"{name} {mcfg.image_size}px b{batch}", label, impl, eps, eps * flops / peak))
                 line = f"{size} {label:6s} {impl:14s} {eps:8.1f} ex/s  MFU {eps * flops / peak:.1%}"
                 print(line, file=sys.stderr, flush=True)
         j_ratio = res["ViT"][0]["jax"] / res["I-ViT"][0]["jax"]
-        print(f"{size}: I-ViT step / ViT step (JAX) = {j_ratio:.2f}", file=sys.stderr)
+        print(f"{size}: I-ViT step / ViT step (JAX, one device) = {j_ratio:.2f}", file=sys.stderr)
     return rows, peak_j, peak_t
 
 
@@ -185,13 +203,15 @@ def table(rows, peak_j, peak_t, gate_hidden) -> str:
         by[(shape, arch, impl)] = eps
     out += [
         "",
-        "| model | JAX / torch eager (ViT) | JAX / torch eager (I-ViT) | I-ViT step time / ViT step time (JAX) |",
-        "|---|---|---|---|",
+        "| model | JAX row | JAX / torch eager (ViT) | JAX / torch eager (I-ViT) "
+        "| I-ViT step time / ViT step time (JAX) |",
+        "|---|---|---|---|---|",
     ]
     for shape in dict.fromkeys(r[0] for r in rows):
-        jv, ji = by[(shape, "ViT", "jax")], by[(shape, "I-ViT", "jax")]
         tv, ti = by[(shape, "ViT", "torch eager")], by[(shape, "I-ViT", "torch eager")]
-        out.append(f"| {shape} | {jv / tv:.2f}x | {ji / ti:.2f}x | {jv / ji:.2f}x |")
+        for impl in dict.fromkeys(r[2] for r in rows if r[0] == shape and r[2].startswith("jax")):
+            jv, ji = by[(shape, "ViT", impl)], by[(shape, "I-ViT", impl)]
+            out.append(f"| {shape} | {impl} | {jv / tv:.2f}x | {ji / ti:.2f}x | {jv / ji:.2f}x |")
     return "\n".join(out)
 
 
@@ -210,10 +230,14 @@ def main():
     p.add_argument("--record", default="", help="Markdown file to write the table into (section 'Train step').")
     p.add_argument("--no-hugepages", dest="hugepages", action="store_false",
                    help="run without lfi_jax.hostmem's huge-page tunable (the entry points' default)")
+    p.add_argument("--cpu_devices", type=int, default=1,
+                   help="N > 1: also time JAX data parallel over N CPU devices (config.mesh.cpu_devices)")
     a = p.parse_args()
     if a.hugepages:
         hostmem.maybe_reexec()
-    rows, pj, pt = run(a.sizes.split(","), a.steps, not a.no_compile, a.gate_hidden)
+    if a.cpu_devices > 1:
+        jax.config.update("jax_num_cpu_devices", a.cpu_devices)  # before any JAX operation
+    rows, pj, pt = run(a.sizes.split(","), a.steps, not a.no_compile, a.gate_hidden, a.cpu_devices)
     body = table(rows, pj, pt, a.gate_hidden)
     print(body)
     if a.record:
