@@ -2,6 +2,7 @@
 by side in one run (issue: the loop must be within 5 % of the step).
 
     python bench/loop.py [--models vit,ivit] [--steps 100] [--log_every 10] [--cpu_devices N]
+        [--thread_nice 0,10]
 
 For each model: `lfi_jax.train.train_and_evaluate` on configs/demo.py:<model> for --steps steps
 (the real input pipeline, augmentation and teacher maps; evaluation only at the end on 64 test
@@ -10,7 +11,9 @@ which holds the compilation, left out); then the same config's jitted step alone
 device batch (`lfi_jax.trainer.create_trainer`), after a compile step, on the same mesh (the
 config's `mesh.cpu_devices` CPU devices unless --cpu_devices says otherwise), timed once
 before and once after the loop (the mean is reported, so a drift of the machine's load
-between the two hits both columns alike).
+between the two hits both columns alike). --thread_nice takes a comma-separated list of
+`data.thread_nice` values (default: the config's) and runs the loop once per value, so the
+priority of the input thread is compared within one run.
 """
 
 from __future__ import annotations
@@ -110,6 +113,8 @@ def main() -> None:
                    help="leave the image cache empty (the first epoch's cost) instead of filling it first")
     p.add_argument("--cpu_devices", type=int, default=None,
                    help="CPU devices of the run (default: configs/demo.py's mesh.cpu_devices)")
+    p.add_argument("--thread_nice", default="",
+                   help="comma-separated data.thread_nice values, one loop each (default: the config's)")
     args = p.parse_args()
     if args.hugepages:
         hostmem.maybe_reexec()
@@ -121,17 +126,21 @@ def main() -> None:
         shd.request_cpu_devices(config.mesh.cpu_devices)  # before the first JAX operation
         if args.warm:
             warm_cache(config)
+        nices = [int(v) for v in args.thread_nice.split(",")] if args.thread_nice else [config.data.thread_nice]
         before = bare_rate(config, args.steps)
-        loop = loop_rate(config)
+        loops = []
+        for nice in nices:
+            config.data.thread_nice = nice
+            loops.append(loop_rate(config))
         bare = (before + bare_rate(config, args.steps)) / 2
-        rows.append((model, loop, bare))
+        rows += [(model, nice, loop, bare) for nice, loop in zip(nices, loops)]
     devices = f"{jax.device_count()} {jax.default_backend()} device(s)"
     cache = "image cache filled first (later epochs)" if args.warm else "image cache empty (first epoch)"
     print(f"demo size, batch {config.batch_size}, {args.steps} steps, {devices}; {hostmem.describe()}; {cache}")
-    print("| model | loop (ex/s) | bare step (ex/s) | loop / step |")
-    print("|---|---|---|---|")
-    for model, loop, bare in rows:
-        print(f"| {model} | {loop:.0f} | {bare:.0f} | {loop / bare:.2f} |")
+    print("| model | data.thread_nice | loop (ex/s) | bare step (ex/s) | loop / step |")
+    print("|---|---|---|---|---|")
+    for model, nice, loop, bare in rows:
+        print(f"| {model} | {nice} | {loop:.0f} | {bare:.0f} | {loop / bare:.2f} |")
 
 
 if __name__ == "__main__":

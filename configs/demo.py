@@ -42,6 +42,9 @@ def get_config(arg: str = "ivit") -> ml_collections.ConfigDict:
     # (docs/performance.md, "The training loop").
     c.data.cache_mb = 512
     c.data.num_threads = 1
+    # That thread at nice 10, so it does not preempt XLA's workers mid-op (loop/step 0.87-0.92
+    # at the same priority, 0.94-1.04 with it; docs/performance.md, "The training loop").
+    c.data.thread_nice = 10
 
     c.model = ml_collections.ConfigDict(
         model_fields(
@@ -77,6 +80,11 @@ def get_config(arg: str = "ivit") -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 50
     c.optim.weight_decay = 0.05
     c.mesh.shape = (-1, 1)
+    # Four XLA CPU devices, data parallel over them: at this size one device's small ops leave
+    # the second core of a 2-core host mostly idle; 4 devices ran the step 1.5x faster
+    # (docs/performance.md, "CPU devices"). A count set outside the config (launchers, tests:
+    # JAX_NUM_CPU_DEVICES, XLA_FLAGS) takes precedence; GPUs and TPUs ignore it.
+    c.mesh.cpu_devices = 4
     # Per-row settings, applied by set_ablation (here, and in every cell of the main job and
     # the experiment runner that asks for the row): the ViT's learning rate from the same kind
     # of grid on test_iid (seed 0, shortcut regime: 5e-4 0.668, 1e-3 0.698, 2e-3 0.704 (0.702
