@@ -42,8 +42,9 @@ def get_config(arg: str = "ivit") -> ml_collections.ConfigDict:
     # (docs/performance.md, "The training loop").
     c.data.cache_mb = 512
     c.data.num_threads = 1
-    # That thread at nice 10, so it does not preempt XLA's workers mid-op (loop/step 0.87-0.92
-    # at the same priority, 0.94-1.04 with it; docs/performance.md, "The training loop").
+    # That thread at nice 10, so it does not preempt XLA's workers mid-op (`bench/loop.py
+    # --thread_nice 0,10`, 4 devices: loop / step 0.96 and 0.93 (ViT, I-ViT) at the same
+    # priority, 1.04 and 0.99 with it; docs/performance.md, "CPU devices").
     c.data.thread_nice = 10
 
     c.model = ml_collections.ConfigDict(
