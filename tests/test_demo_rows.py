@@ -19,3 +19,25 @@ def test_vit_row_gets_its_learning_rate_from_the_file_and_from_cells():
     assert mine.optim.lr == 5e-4
     # a ViT cell is the ViT config file's run
     assert config_hash(vit) == config_hash(load_config_file("demo", "vit"))
+
+
+def test_input_thread_scheduling_does_not_change_a_cells_identity():
+    base = load_config_file("demo", "ivit")
+    other = load_config_file("demo", "ivit")
+    other.data.thread_nice = base.data.thread_nice + 5
+    other.data.num_workers = base.data.num_workers + 1
+    assert config_hash(other) == config_hash(base)
+    other.mesh.cpu_devices = base.mesh.cpu_devices + 1  # float reduction order: a different run
+    assert config_hash(other) != config_hash(base)
+
+
+def test_a_key_added_at_its_default_keeps_the_hash_of_cells_trained_before_it():
+    import json
+
+    import ml_collections
+
+    config = load_config_file("demo", "ivit")
+    config.mesh.cpu_devices = 0  # the library default: what every run was before the key existed
+    older = json.loads(config.to_json_best_effort())
+    del older["mesh"]["cpu_devices"], older["loss"]["align_rows"]
+    assert config_hash(ml_collections.ConfigDict(older)) == config_hash(config)

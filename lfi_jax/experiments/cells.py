@@ -75,9 +75,15 @@ def cell_config(base_path: str, base_arg: str | None, cell: Cell, budget: dict[s
     return config
 
 
-# Loss switches added after cells were first trained: at these values a config is the one it
-# was before they existed, so it keeps its hash (and its finished workdir).
-UNHASHED_DEFAULTS = {"align_reduce": "per_layer", "align_rows": "cls", "rrr_weight": 0.0, "rrr_threshold": 0.0}
+# Keys added after cells were first trained: at these values a config is the one it was
+# before they existed, so it keeps its hash (and its finished workdir).
+UNHASHED_DEFAULTS = {
+    "loss.align_reduce": "per_layer",
+    "loss.align_rows": "cls",
+    "loss.rrr_weight": 0.0,
+    "loss.rrr_threshold": 0.0,
+    "mesh.cpu_devices": 0,
+}
 
 
 def canonical(obj: Any) -> str:
@@ -100,11 +106,13 @@ def config_hash(config) -> str:
     ):
         d.pop(k, None)
     d.get("teacher", {}).pop("store", None)
-    d.get("data", {}).pop("num_workers", None)
-    loss = d.get("loss", {})
-    for k, default in UNHASHED_DEFAULTS.items():
-        if k in loss and loss[k] == default:
-            del loss[k]
+    for k in ("num_workers", "thread_nice"):  # scheduling of the input threads, not the batches
+        d.get("data", {}).pop(k, None)
+    for dotted, default in UNHASHED_DEFAULTS.items():
+        section, key = dotted.split(".")
+        sub = d.get(section, {})
+        if key in sub and sub[key] == default:
+            del sub[key]
     return hashlib.sha256(canonical(d).encode()).hexdigest()[:10]
 
 
