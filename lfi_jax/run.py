@@ -64,6 +64,7 @@ RESUMABLE = (
     "data.num_threads",
     "data.prefetch",
     "data.cache_mb",
+    "data.thread_nice",  # the input threads' priority, not what they produce
     "teacher.store",  # the same store may move (its content is checked against the data)
     "teacher.allow_missing",
     "loss",

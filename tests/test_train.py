@@ -304,11 +304,14 @@ def test_resume_records_resumable_changes(small_run, tmp_path, caplog):
 
     work = _copy(small_run, tmp_path)
     with caplog.at_level("WARNING", logger="lfi_jax"):
-        result = train_and_evaluate(_small_config(total_steps=3, **{"optim.lr": 5e-4, "loss.align_weight": 0.5}), work)
+        result = train_and_evaluate(
+            _small_config(total_steps=3, **{"optim.lr": 5e-4, "loss.align_weight": 0.5, "data.thread_nice": 5}), work
+        )
     assert result["step"] == 3
     history = read_config_history(work)
     assert len(history) == 1 and history[0]["step"] == 2
     assert history[0]["changes"] == {
+        "data.thread_nice": {"old": 10, "new": 5},  # the input thread's priority: not the data
         "loss.align_weight": {"old": 1.0, "new": 0.5},
         "optim.lr": {"old": 4e-3, "new": 5e-4},
         "total_steps": {"old": 2, "new": 3},
@@ -316,7 +319,9 @@ def test_resume_records_resumable_changes(small_run, tmp_path, caplog):
     assert any("config changed on resume" in r.getMessage() and "optim.lr" in r.getMessage() for r in caplog.records)
     stored = load_config(work)
     assert stored.total_steps == 3 and stored.optim.lr == 5e-4  # config.json is the run's current config
-    train_and_evaluate(_small_config(total_steps=3, **{"optim.lr": 5e-4, "loss.align_weight": 0.5}), work)
+    train_and_evaluate(
+        _small_config(total_steps=3, **{"optim.lr": 5e-4, "loss.align_weight": 0.5, "data.thread_nice": 5}), work
+    )
     assert len(read_config_history(work)) == 1  # the same config again: nothing to record
 
 
