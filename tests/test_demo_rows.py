@@ -41,3 +41,16 @@ def test_a_key_added_at_its_default_keeps_the_hash_of_cells_trained_before_it():
     older = json.loads(config.to_json_best_effort())
     del older["mesh"]["cpu_devices"], older["loss"]["align_rows"]
     assert config_hash(ml_collections.ConfigDict(older)) == config_hash(config)
+
+
+def test_unhashed_keys_at_every_depth_leave_the_hash_and_others_change_it():
+    base = load_config_file("demo", "ivit")
+    h = config_hash(base)
+    other = load_config_file("demo", "ivit")
+    other.name, other.log_every, other.teacher.store = "renamed", base.log_every + 7, "/elsewhere/store"
+    assert config_hash(other) == h
+    other.teacher.noise.blur = 1.0  # a sibling of teacher.store: part of the model's identity
+    assert config_hash(other) != h
+    other = load_config_file("demo", "ivit")
+    other.loss.align_rows = "cls_and_object"  # an UNHASHED_DEFAULTS key away from its default
+    assert config_hash(other) != h

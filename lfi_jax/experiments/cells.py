@@ -75,6 +75,23 @@ def cell_config(base_path: str, base_arg: str | None, cell: Cell, budget: dict[s
     return config
 
 
+# Keys that never change the trained model: the name, logging, evaluation and checkpoint
+# intervals, where the teacher store lies, and how the input threads are scheduled (not what
+# the batches hold). `row_edits` is left out because what it changes is in the keys it sets.
+UNHASHED = (
+    "name",
+    "log_every",
+    "eval_every",
+    "eval_batch_size",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "async_checkpointing",
+    "row_edits",
+    "teacher.store",
+    "data.num_workers",
+    "data.thread_nice",
+)
+
 # Keys added after cells were first trained: at these values a config is the one it was
 # before they existed, so it keeps its hash (and its finished workdir).
 UNHASHED_DEFAULTS = {
@@ -90,29 +107,28 @@ def canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
 
 
+_ANY = object()
+
+
+def _drop(d: dict, dotted: str, if_equal: Any = _ANY) -> None:
+    """Delete `dotted` (a.b.c) from the nested dict d where present (and equal to if_equal)."""
+    *parents, key = dotted.split(".")
+    for p in parents:
+        d = d.get(p)
+        if not isinstance(d, dict):
+            return
+    if key in d and (if_equal is _ANY or d[key] == if_equal):
+        del d[key]
+
+
 def config_hash(config) -> str:
-    """A hash of everything that changes the trained model (not the name, the teacher store
-    path, logging, evaluation or checkpoint intervals)."""
+    """A hash of everything that changes the trained model: all keys but UNHASHED, and the
+    UNHASHED_DEFAULTS keys only where they differ from their default."""
     d = json.loads(config.to_json_best_effort())
-    for k in (
-        "name",
-        "log_every",
-        "eval_every",
-        "eval_batch_size",
-        "checkpoint_every",
-        "keep_checkpoints",
-        "async_checkpointing",
-        "row_edits",  # what they change is in the keys they set
-    ):
-        d.pop(k, None)
-    d.get("teacher", {}).pop("store", None)
-    for k in ("num_workers", "thread_nice"):  # scheduling of the input threads, not the batches
-        d.get("data", {}).pop(k, None)
+    for dotted in UNHASHED:
+        _drop(d, dotted)
     for dotted, default in UNHASHED_DEFAULTS.items():
-        section, key = dotted.split(".")
-        sub = d.get(section, {})
-        if key in sub and sub[key] == default:
-            del sub[key]
+        _drop(d, dotted, default)
     return hashlib.sha256(canonical(d).encode()).hexdigest()[:10]
 
 
