@@ -39,6 +39,7 @@ import jax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.train_step import SIZES, _batch  # noqa: E402
+from lfi_jax import hostmem  # noqa: E402
 from lfi_jax import sharding as shd  # noqa: E402
 from lfi_jax.fileio import replace_doc_block  # noqa: E402
 from lfi_jax.models import ivit_config, variant  # noqa: E402
@@ -147,13 +148,17 @@ def main() -> None:
     p.add_argument("--models", default="vit,ivit")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--record", default=None, help="Markdown file whose marked block gets the table")
+    p.add_argument("--no-hugepages", dest="hugepages", action="store_false",
+                   help="run without lfi_jax.hostmem's huge-page tunable (the entry points' default)")
     a = p.parse_args()
+    if a.hugepages:
+        hostmem.maybe_reexec()  # the step as the trainer runs it, not one that faults its buffers in
     rows = []
     for size in a.sizes.split(","):
         for arch in a.models.split(","):
             rows.append(profile(size, arch, a.steps))
             print(f"{size} {arch}: {rows[-1]['wall_ms']:.0f} ms/step", file=sys.stderr, flush=True)
-    body = (f"{os.cpu_count()} cores, jax {jax.__version__}; share of op time per category "
+    body = (f"{os.cpu_count()} cores, jax {jax.__version__}, {hostmem.describe()}; share of op time per category "
             f"(ops executed per step), {a.steps} traced steps after 2 warm-up steps:\n\n" + table(rows))
     print(body)
     if a.record:
