@@ -81,8 +81,9 @@ def _batch(cfg, batch, seed=0):
 REPEATS = 3  # timed blocks per rate; the median is reported
 
 
-def time_jax(mcfg, batch, steps, devices: int = 1) -> float:
-    """Examples/s of the trainer's jitted step, data parallel over the first `devices` devices."""
+def time_jax(mcfg, batch, steps, devices: int = 1, info: dict | None = None) -> float:
+    """Examples/s of the trainer's jitted step, data parallel over the first `devices` devices.
+    `info`, where given, gets the compiled step's HLO text ("hlo") and the last loss ("loss")."""
     import ml_collections
 
     from lfi_jax.trainer import create_trainer
@@ -96,6 +97,8 @@ def time_jax(mcfg, batch, steps, devices: int = 1) -> float:
     trainer, init, _ = create_trainer(c, mcfg, mesh, seed=0)
     state = init()
     gb = shd.global_batch(_batch(mcfg, batch), mesh)
+    if info is not None:
+        info["hlo"] = trainer.train_step.lower(state, gb).compile().as_text()
     state, m = trainer.train_step(state, gb)  # compile
     jax.block_until_ready(m)
     rates = []
@@ -105,6 +108,8 @@ def time_jax(mcfg, batch, steps, devices: int = 1) -> float:
             state, m = trainer.train_step(state, gb)
         jax.block_until_ready(m)
         rates.append(batch * steps / (time.perf_counter() - t))
+    if info is not None:
+        info["loss"] = float(m["loss"])
     return float(np.median(rates))
 
 
