@@ -29,6 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import add_hugepages_flag, use_hugepages  # noqa: E402
 from lfi_jax import (
     hostmem,  # noqa: E402
     train,  # noqa: E402
@@ -107,8 +108,7 @@ def main() -> None:
     p.add_argument("--models", default="vit,ivit")
     p.add_argument("--steps", type=int, default=100, help="training steps of the loop (and of the bare step)")
     p.add_argument("--log_every", type=int, default=10)
-    p.add_argument("--no-hugepages", dest="hugepages", action="store_false",
-                   help="run without lfi_jax.hostmem's huge-page tunable (the entry points' default)")
+    add_hugepages_flag(p)
     p.add_argument("--cold", dest="warm", action="store_false",
                    help="leave the image cache empty (the first epoch's cost) instead of filling it first")
     p.add_argument("--cpu_devices", type=int, default=None,
@@ -116,8 +116,7 @@ def main() -> None:
     p.add_argument("--thread_nice", default="",
                    help="comma-separated data.thread_nice values, one loop each (default: the config's)")
     args = p.parse_args()
-    if args.hugepages:
-        hostmem.maybe_reexec()
+    use_hugepages(args)
     rows = []
     for model in args.models.split(","):
         config = demo_config(model, args.steps, args.log_every)

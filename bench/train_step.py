@@ -29,10 +29,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import add_hugepages_flag, record, use_hugepages  # noqa: E402
 from lfi_jax import hostmem  # noqa: E402
 from lfi_jax import sharding as shd  # noqa: E402
 from lfi_jax.config import base_config, model_fields  # noqa: E402
-from lfi_jax.fileio import replace_doc_block  # noqa: E402
 from lfi_jax.models import ViT, ivit_config, variant  # noqa: E402
 from lfi_jax.models.flops import macs  # noqa: E402
 
@@ -220,12 +220,6 @@ def table(rows, peak_j, peak_t, gate_hidden) -> str:
     return "\n".join(out)
 
 
-def record(path: str, section: str, body: str, command: str) -> None:
-    """Put the command and `body` into the marked block of the "## {section}" section of
-    `path`, atomically (section or block appended when missing; the rest untouched)."""
-    replace_doc_block(path, f"## {section}", f"`{command}`\n\n{body}", MARKER)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="s16,demo")
@@ -233,21 +227,18 @@ def main():
     p.add_argument("--gate_hidden", type=int, default=8)
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--record", default="", help="Markdown file to write the table into (section 'Train step').")
-    p.add_argument("--no-hugepages", dest="hugepages", action="store_false",
-                   help="run without lfi_jax.hostmem's huge-page tunable (the entry points' default)")
+    add_hugepages_flag(p)
     p.add_argument("--cpu_devices", type=int, default=1,
                    help="N > 1: also time JAX data parallel over N CPU devices (config.mesh.cpu_devices)")
     a = p.parse_args()
-    if a.hugepages:
-        hostmem.maybe_reexec()
+    use_hugepages(a)
     if a.cpu_devices > 1:
         shd.request_cpu_devices(a.cpu_devices)  # before any JAX operation
     rows, pj, pt = run(a.sizes.split(","), a.steps, not a.no_compile, a.gate_hidden, a.cpu_devices)
     body = table(rows, pj, pt, a.gate_hidden)
     print(body)
     if a.record:
-        cmd = "python bench/train_step.py " + " ".join(sys.argv[1:])
-        record(a.record, f"Train step (gate_hidden={a.gate_hidden})", body, cmd)
+        record(a.record, f"## Train step (gate_hidden={a.gate_hidden})", body, MARKER)
 
 
 if __name__ == "__main__":

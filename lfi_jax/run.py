@@ -44,28 +44,35 @@ CONFIG_FILE = "config.json"
 HISTORY_FILE = "config_history.jsonl"
 RUN_INFO_FILE = "run_info.json"  # what the trainer found at start: data source, classes, teacher store
 
-# Keys (dotted prefixes) that may change when a run resumes: none of them changes the train
-# state's structure or the stream of training batches.
-RESUMABLE = (
+# Keys (dotted) that change neither the trained model nor the batches it sees: the run's name,
+# how often it logs, evaluates and checkpoints, where its teacher store lies (its content is
+# checked against the data), how its input threads are scheduled.
+BOOKKEEPING = (
     "name",
-    "total_steps",
     "log_every",
     "eval_every",
     "eval_batch_size",
     "checkpoint_every",
     "keep_checkpoints",
     "async_checkpointing",
+    "teacher.store",
+    "data.num_workers",
+    "data.thread_nice",
+)
+
+# Keys (dotted prefixes) that may change when a run resumes: none of them changes the train
+# state's structure or the stream of training batches.
+RESUMABLE = (
+    *BOOKKEEPING,
+    "total_steps",
     "init",  # read only by a fresh start
     "model.attn_impl",  # how attention is computed, not what
     "model.dtype",  # compute dtype (parameters stay float32)
     "model.remat",
     "data.eval_splits",
-    "data.num_workers",
     "data.num_threads",
     "data.prefetch",
     "data.cache_mb",
-    "data.thread_nice",  # the input threads' priority, not what they produce
-    "teacher.store",  # the same store may move (its content is checked against the data)
     "teacher.allow_missing",
     "loss",
     "optim.lr",
@@ -244,6 +251,7 @@ def read_config_history(workdir: str) -> list[dict[str, Any]]:
 
 
 __all__ = [
+    "BOOKKEEPING",
     "RESUMABLE",
     "RUN_INFO_FILE",
     "Run",

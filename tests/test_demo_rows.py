@@ -86,7 +86,7 @@ def test_documented_tables_find_their_finished_cells_again():
         args = build_parser().parse_args(shlex.split(payload["command"])[3:])
         sets = {"mesh.cpu_devices": 0, **parse_sets(args.set)}
         exp = EXPERIMENTS[args.name]
-        seeds = args.seeds if args.seeds is not None else 1
+        seeds = args.seeds if args.seeds is not None else getattr(exp, "default_seeds", 1)
         configs = prepare(exp, config=args.config, budget=args.budget, seeds=seeds, sets=sets,
                           options=grid_options(args))[4]
         recorded = [os.path.basename(c["workdir"]) for c in payload["cells"]]

@@ -11,6 +11,7 @@ from typing import Any
 
 from lfi_jax.config import ABLATIONS, CONFIG_DIR, load_config_file, set_ablation, set_key
 from lfi_jax.experiments.base import Cell
+from lfi_jax.run import BOOKKEEPING
 from lfi_jax.teacher.resolve import build_auto_teacher, resolve_teacher, teacher_key
 
 DEMO_CONFIG = os.path.join(CONFIG_DIR, "demo.py")
@@ -75,22 +76,9 @@ def cell_config(base_path: str, base_arg: str | None, cell: Cell, budget: dict[s
     return config
 
 
-# Keys that never change the trained model: the name, logging, evaluation and checkpoint
-# intervals, where the teacher store lies, and how the input threads are scheduled (not what
-# the batches hold). `row_edits` is left out because what it changes is in the keys it sets.
-UNHASHED = (
-    "name",
-    "log_every",
-    "eval_every",
-    "eval_batch_size",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "async_checkpointing",
-    "row_edits",
-    "teacher.store",
-    "data.num_workers",
-    "data.thread_nice",
-)
+# Keys that never change the trained model: the run's bookkeeping, and `row_edits`, because
+# what it changes is in the keys it sets.
+UNHASHED = (*BOOKKEEPING, "row_edits")
 
 # Keys added after cells were first trained: at these values a config is the one it was
 # before they existed, so it keeps its hash (and its finished workdir).
